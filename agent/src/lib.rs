@@ -1,0 +1,6 @@
+//! amiprep agent library: everything `amiprep-agent` does, as modules the
+//! binary and the tests share.
+
+pub mod cli;
+pub mod prepare;
+pub mod scan;
