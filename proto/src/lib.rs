@@ -4,6 +4,7 @@
 //! both sides; keeping the rustls configuration here means the agent and the
 //! controller cannot drift apart on versions, ALPN or certificate checks.
 
+pub mod config;
 pub mod tls;
 
 /// Generated protobuf and gRPC code for package `amiprep.v1`.

@@ -212,3 +212,37 @@ pub fn peer_subject(chain: &[CertificateDer<'_>]) -> Option<String> {
         .ok()
         .map(|c| c.tbs_certificate.subject.to_string())
 }
+
+/// Opens a gRPC channel to `addr` (`host:port`) over TLS 1.3 with `config`,
+/// checking the server certificate against `server_name`.
+///
+/// The TLS handshake happens here, in our connector, so both ends use exactly
+/// the rustls configuration above rather than tonic's defaults.
+pub async fn connect(
+    addr: &str,
+    server_name: ServerName<'static>,
+    config: Arc<ClientConfig>,
+    timeout: std::time::Duration,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let target = addr.to_owned();
+    let service = tower::service_fn(move |_: http::Uri| {
+        let connector = connector.clone();
+        let server_name = server_name.clone();
+        let target = target.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The scheme is http because TLS is already done by the connector above.
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(service)
+        .await
+}
