@@ -2,5 +2,9 @@
 //! binary and the tests share.
 
 pub mod cli;
+pub mod config;
+pub mod imds;
+pub mod osinfo;
 pub mod prepare;
 pub mod scan;
+pub mod session;

@@ -68,7 +68,10 @@ fn one_line(msg: &str) -> String {
     for line in msg.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("TOML parse error at ") {
             location = Some(rest.to_owned());
-        } else if !line.is_empty() && !line.starts_with('|') && !line.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+        } else if !line.is_empty()
+            && !line.starts_with('|')
+            && !line.chars().next().is_some_and(|c| c.is_ascii_digit())
+        {
             last = line;
         }
     }
@@ -101,7 +104,10 @@ mod tests {
         let e = parse::<Conf>(Path::new("c.toml"), "name='x'\n[inner]\nport=1\nbogus=2\n")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("c.toml: inner.bogus: unknown field `bogus`"), "{e}");
+        assert!(
+            e.starts_with("c.toml: inner.bogus: unknown field `bogus`"),
+            "{e}"
+        );
     }
 
     #[test]

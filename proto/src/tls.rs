@@ -13,9 +13,7 @@ use std::{
 
 use der::Decode;
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    crypto::CryptoProvider,
-    server::WebPkiClientVerifier,
+    ClientConfig, RootCertStore, ServerConfig, crypto::CryptoProvider, server::WebPkiClientVerifier,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 
@@ -41,7 +39,9 @@ pub enum TlsError {
         subject: String,
         not_after: String,
     },
-    #[error("{path}: certificate is not valid until {not_before} (subject {subject}); check the clock")]
+    #[error(
+        "{path}: certificate is not valid until {not_before} (subject {subject}); check the clock"
+    )]
     NotYetValid {
         path: PathBuf,
         subject: String,
@@ -115,12 +115,11 @@ pub struct Validity {
 
 /// Parses the subject and validity window of a DER certificate.
 pub fn validity(path: &Path, cert: &CertificateDer<'_>) -> Result<Validity, TlsError> {
-    let parsed = x509_cert::Certificate::from_der(cert.as_ref()).map_err(|e| {
-        TlsError::BadCertificate {
+    let parsed =
+        x509_cert::Certificate::from_der(cert.as_ref()).map_err(|e| TlsError::BadCertificate {
             path: path.to_owned(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let v = &parsed.tbs_certificate.validity;
     Ok(Validity {
         subject: parsed.tbs_certificate.subject.to_string(),

@@ -1,0 +1,192 @@
+//! The controller's configuration file (`/etc/amiprep/controller.toml`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use amiprep_proto::{config::ConfigError, tls::TlsFiles};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    #[serde(default)]
+    pub listen: ListenSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub identity: IdentitySection,
+    #[serde(default)]
+    pub sessions: SessionsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    /// Where agents connect (TLS 1.3, client certificates required).
+    #[serde(default = "default_agents_addr")]
+    pub agents: SocketAddr,
+    /// The admin API's Unix socket (created 0600).
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        ListenSection {
+            agents: default_agents_addr(),
+            admin_socket: default_admin_socket(),
+        }
+    }
+}
+
+fn default_agents_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+
+pub fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/amiprep/admin.sock")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    /// PEM files with the AWS certificates that sign instance identity
+    /// documents (the RSA-2048 certificate of each region in use).
+    #[serde(default)]
+    pub aws_certificates: Vec<PathBuf>,
+    /// Accept `static` identities (development only). Also `--allow-static-identities`.
+    #[serde(default)]
+    pub allow_static: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsSection {
+    /// Heartbeat interval asked of agents.
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval_secs: u32,
+    /// A session with no heartbeat for this long is dropped.
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_secs: u32,
+    /// Time an agent has, after the TLS handshake, to send `Hello`.
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout_secs: u32,
+}
+
+impl Default for SessionsSection {
+    fn default() -> Self {
+        SessionsSection {
+            heartbeat_interval_secs: default_heartbeat_interval(),
+            heartbeat_timeout_secs: default_heartbeat_timeout(),
+            hello_timeout_secs: default_hello_timeout(),
+        }
+    }
+}
+
+fn default_heartbeat_interval() -> u32 {
+    10
+}
+fn default_heartbeat_timeout() -> u32 {
+    35
+}
+fn default_hello_timeout() -> u32 {
+    10
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: ControllerConfig = amiprep_proto::config::load(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let s = &self.sessions;
+        if s.heartbeat_interval_secs == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "sessions.heartbeat_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if s.heartbeat_timeout_secs < 2 * s.heartbeat_interval_secs {
+            return Err(ConfigError::invalid(
+                path,
+                "sessions.heartbeat_timeout_secs",
+                "must be at least twice sessions.heartbeat_interval_secs",
+            ));
+        }
+        if s.hello_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "sessions.hello_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.listen.admin_socket.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                path,
+                "listen.admin_socket",
+                "must not be empty",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ControllerConfig, ConfigError> {
+        let path = Path::new("controller.toml");
+        let c: ControllerConfig = amiprep_proto::config::parse(path, text)?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    const TLS: &str = "[tls]\nca='ca.pem'\ncert='c.pem'\nkey='c.key'\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse(TLS).unwrap();
+        assert_eq!(c.listen.agents.port(), 7443);
+        assert!(!c.identity.allow_static);
+        assert_eq!(c.sessions.heartbeat_interval_secs, 10);
+    }
+
+    #[test]
+    fn heartbeat_timeout_must_exceed_two_intervals() {
+        let e = parse(&format!(
+            "{TLS}[sessions]\nheartbeat_interval_secs=10\nheartbeat_timeout_secs=15\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sessions.heartbeat_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_address_names_key() {
+        let e = parse(&format!("[listen]\nagents='nowhere'\n{TLS}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("controller.toml: listen.agents: "), "{e}");
+    }
+}

@@ -1,0 +1,11 @@
+//! amiprep controller: holds agent sessions and (in later versions) drives
+//! promotions. The `amiprep` binary is a thin CLI over these modules.
+
+pub mod admin;
+pub mod attest;
+pub mod certs;
+pub mod client;
+pub mod config;
+pub mod gateway;
+pub mod registry;
+pub mod server;

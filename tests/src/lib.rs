@@ -1,0 +1,410 @@
+//! Support for amiprep's cross-process tests: locating the built binaries,
+//! a throwaway PKI, child processes that are killed when a test ends, and the
+//! fake IMDS identity signer.
+//!
+//! Tests start the real `amiprep` and `amiprep-agent` binaries and talk to
+//! them over real mTLS on 127.0.0.1. Build them first (`scripts/test` does):
+//! `cargo build --workspace --bins`.
+
+pub mod imds;
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+pub use tempfile::TempDir;
+
+/// Path of a workspace binary, next to the running test's target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/it-HASH -> target/debug
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins), or run scripts/test",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped. Its stderr goes
+/// to a log file that tests can read.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let file = fs::File::create(&log).expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            child,
+            log,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (e.g. "TERM", "STOP", "CONT") with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill -{sig} {}", self.pid());
+    }
+
+    /// Waits for exit; `None` if still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(timeout, || self.child.try_wait().ok().flatten())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a command to completion.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// The test identity-signing key, generated once per test process (RSA key
+/// generation is the slow part).
+pub fn identity_key() -> &'static imds::SigningKey {
+    static KEY: OnceLock<imds::SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| imds::SigningKey::generate("amiprep test identity signer").expect("RSA key"))
+}
+
+/// A working directory with a CA, controller / agent / operator certificates
+/// and the identity-signing key, all made with the real `amiprep certs`.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("amiprep-test-")
+            .tempdir()
+            .expect("temp dir");
+        let pki = Pki { dir };
+        pki.certs(&["init", "--dir", &pki.path_str()]);
+        pki.issue("controller", "controller", &["127.0.0.1", "localhost"]);
+        pki.issue("agent", "agent", &[]);
+        identity_key()
+            .write(pki.path(), "aws-identity")
+            .expect("writing the identity key");
+        pki
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn path_str(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+
+    fn certs(&self, args: &[&str]) {
+        let out = run(Command::new(bin("amiprep")).arg("certs").args(args));
+        assert!(
+            out.status.success(),
+            "amiprep certs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Issues `NAME.pem`/`NAME.key` of `kind` in this PKI.
+    pub fn issue(&self, kind: &str, name: &str, sans: &[&str]) {
+        let dir = self.path_str();
+        let mut args = vec!["issue", "--dir", &dir, "--kind", kind, "--name", name];
+        for s in sans {
+            args.extend(["--san", s]);
+        }
+        self.certs(&args);
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Options for a controller under test.
+#[derive(Clone)]
+pub struct ControllerOpts {
+    pub allow_static: bool,
+    pub heartbeat_interval_secs: u32,
+    pub heartbeat_timeout_secs: u32,
+}
+
+impl Default for ControllerOpts {
+    fn default() -> Self {
+        ControllerOpts {
+            allow_static: false,
+            heartbeat_interval_secs: 1,
+            heartbeat_timeout_secs: 3,
+        }
+    }
+}
+
+/// A running `amiprep serve`.
+pub struct Controller {
+    pub proc: Proc,
+    pub port: u16,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    opts: ControllerOpts,
+}
+
+impl Controller {
+    pub fn start(pki: &Pki, opts: ControllerOpts) -> Controller {
+        Self::start_on(pki, opts, free_port())
+    }
+
+    pub fn start_on(pki: &Pki, opts: ControllerOpts, port: u16) -> Controller {
+        let socket = pki.file("admin.sock");
+        let config = pki.file("controller.toml");
+        fs::write(
+            &config,
+            format!(
+                "[listen]\nagents = \"127.0.0.1:{port}\"\nadmin_socket = {socket:?}\n\
+                 [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
+                 [identity]\naws_certificates = [{aws:?}]\n\
+                 [sessions]\nheartbeat_interval_secs = {hi}\nheartbeat_timeout_secs = {ht}\n",
+                ca = pki.file("ca.pem"),
+                cert = pki.file("controller.pem"),
+                key = pki.file("controller.key"),
+                aws = pki.file("aws-identity.pem"),
+                hi = opts.heartbeat_interval_secs,
+                ht = opts.heartbeat_timeout_secs,
+            ),
+        )
+        .expect("controller config");
+        let mut cmd = Command::new(bin("amiprep"));
+        cmd.arg("serve").arg("--config").arg(&config);
+        if opts.allow_static {
+            cmd.arg("--allow-static-identities");
+        }
+        let log = pki.file(&format!("controller-{port}.log"));
+        let proc = Proc::spawn("controller", cmd, log);
+        let mut c = Controller {
+            proc,
+            port,
+            socket,
+            config,
+            opts,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn wait_ready(&mut self) {
+        let socket = self.socket.clone();
+        let ready = wait_for(Duration::from_secs(20), || {
+            if !self.proc.is_running() {
+                panic!("controller exited early:\n{}", self.proc.log_text());
+            }
+            let out = run(Command::new(bin("amiprep"))
+                .args(["agents", "--json", "--socket"])
+                .arg(&socket));
+            out.status.success().then_some(())
+        });
+        assert!(
+            ready.is_some(),
+            "controller not ready:\n{}",
+            self.proc.log_text()
+        );
+    }
+
+    /// `amiprep agents --json`, parsed.
+    pub fn agents(&self) -> Vec<serde_json::Value> {
+        let out = run(Command::new(bin("amiprep"))
+            .args(["agents", "--json", "--socket"])
+            .arg(&self.socket));
+        assert!(
+            out.status.success(),
+            "amiprep agents: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "agents --json is not a JSON list ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Instance ids of connected agents.
+    pub fn instance_ids(&self) -> Vec<String> {
+        self.agents()
+            .iter()
+            .filter_map(|a| a["instance_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until `instance` is (or is not) connected.
+    pub fn wait_agent(&self, instance: &str, present: bool, timeout: Duration) -> bool {
+        wait_for(timeout, || {
+            (self.instance_ids().iter().any(|i| i == instance) == present).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Kills the controller with SIGKILL and starts it again on the same port.
+    pub fn restart(&mut self, pki: &Pki) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let next = Controller::start_on(pki, self.opts.clone(), self.port);
+        *self = next;
+    }
+}
+
+/// A running fake IMDS serving one instance's identity.
+pub struct FakeImds {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl FakeImds {
+    pub fn start(pki: &Pki, instance_id: &str, signing_stem: &str) -> FakeImds {
+        let port_file = pki.file(&format!("imds-{instance_id}.port"));
+        let _ = fs::remove_file(&port_file);
+        let mut cmd = Command::new(bin("fake-imds"));
+        cmd.arg("serve")
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--cert")
+            .arg(pki.file(&format!("{signing_stem}.pem")))
+            .arg("--key")
+            .arg(pki.file(&format!("{signing_stem}.key")))
+            .args(["--instance-id", instance_id]);
+        let mut proc = Proc::spawn(
+            "fake-imds",
+            cmd,
+            pki.file(&format!("imds-{instance_id}.log")),
+        );
+        let port = wait_for(Duration::from_secs(10), || {
+            fs::read_to_string(&port_file).ok()?.trim().parse().ok()
+        });
+        let Some(port) = port else {
+            let _ = proc.is_running();
+            panic!("fake-imds did not start:\n{}", proc.log_text());
+        };
+        FakeImds { proc, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// How a test agent proves its identity.
+pub enum AgentIdentity<'a> {
+    Imds(&'a FakeImds),
+    Static { instance_id: &'a str },
+}
+
+/// A running `amiprep-agent run`.
+pub struct Agent {
+    pub proc: Proc,
+}
+
+impl Agent {
+    pub fn start(pki: &Pki, controller_port: u16, identity: AgentIdentity<'_>, tag: &str) -> Agent {
+        let config = pki.file(&format!("agent-{tag}.toml"));
+        let identity = match identity {
+            AgentIdentity::Imds(imds) => format!(
+                "[identity]\nsource = \"imds\"\nimds_endpoint = \"{}\"\n",
+                imds.endpoint()
+            ),
+            AgentIdentity::Static { instance_id } => format!(
+                "[identity]\nsource = \"static\"\ninstance_id = \"{instance_id}\"\nregion = \"us-east-1\"\naccount_id = \"123456789012\"\n"
+            ),
+        };
+        fs::write(
+            &config,
+            format!(
+                "controller = \"127.0.0.1:{controller_port}\"\n\
+                 [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
+                 {identity}\
+                 [session]\nreconnect_initial_ms = 200\nreconnect_max_ms = 2000\n",
+                ca = pki.file("ca.pem"),
+                cert = pki.file("agent.pem"),
+                key = pki.file("agent.key"),
+            ),
+        )
+        .expect("agent config");
+        let mut cmd = Command::new(bin("amiprep-agent"));
+        cmd.arg("run").arg("--config").arg(&config);
+        Agent {
+            proc: Proc::spawn("agent", cmd, pki.file(&format!("agent-{tag}.log"))),
+        }
+    }
+}
