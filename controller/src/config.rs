@@ -18,6 +18,9 @@ pub struct ControllerConfig {
     pub identity: IdentitySection,
     #[serde(default)]
     pub sessions: SessionsSection,
+    /// EC2 access; without it, agents' instances are not cross-checked.
+    #[serde(default)]
+    pub ec2: Option<crate::ec2::Ec2Section>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +134,24 @@ impl ControllerConfig {
                 "sessions.hello_timeout_secs",
                 "must be at least 1",
             ));
+        }
+        if let Some(ec2) = &self.ec2 {
+            if ec2.region.is_empty() {
+                return Err(ConfigError::invalid(
+                    path,
+                    "ec2.region",
+                    "must not be empty",
+                ));
+            }
+            if let Some(url) = &ec2.endpoint
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(ConfigError::invalid(
+                    path,
+                    "ec2.endpoint",
+                    "must be an http:// or https:// URL",
+                ));
+            }
         }
         if self.listen.admin_socket.as_os_str().is_empty() {
             return Err(ConfigError::invalid(

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     attest::DocumentVerifier,
+    ec2::{Cloud, InstanceFacts},
     registry::{Registry, SessionHandle, unix_ms},
 };
 
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub allow_static: bool,
     pub heartbeat_interval: Duration,
     pub hello_timeout: Duration,
+    /// When set, an agent's instance must exist and be running.
+    pub cloud: Option<Arc<dyn Cloud>>,
 }
 
 /// Who an admitted agent is.
@@ -35,7 +38,53 @@ pub struct VerifiedIdentity {
     pub kind: &'static str,
 }
 
+/// The EC2 cross-check: a verified identity counts only for an instance
+/// that exists, runs, and belongs to the account the identity names.
+pub fn cross_check(who: &VerifiedIdentity, facts: Option<&InstanceFacts>) -> Result<(), Status> {
+    let Some(facts) = facts else {
+        return Err(Status::permission_denied(format!(
+            "instance {} does not exist in {} (DescribeInstances)",
+            who.instance_id, who.region
+        )));
+    };
+    if facts.state != "running" {
+        return Err(Status::permission_denied(format!(
+            "instance {} is {}, not running",
+            who.instance_id, facts.state
+        )));
+    }
+    if let Some(owner) = &facts.owner_account
+        && !who.account_id.is_empty()
+        && owner != &who.account_id
+    {
+        return Err(Status::permission_denied(format!(
+            "instance {} belongs to account {owner}, but its identity names {}",
+            who.instance_id, who.account_id
+        )));
+    }
+    Ok(())
+}
+
 impl Gateway {
+    /// Verifies the claimed identity, then cross-checks it with EC2 when configured.
+    pub async fn admit(&self, hello: &Hello) -> Result<VerifiedIdentity, Status> {
+        let who = self.verify(hello)?;
+        if let Some(cloud) = &self.cloud {
+            let facts = cloud
+                .describe_instance(&who.region, &who.instance_id)
+                .await
+                .map_err(|e| {
+                    if e.is_retryable() {
+                        Status::unavailable(format!("cannot check the instance now: {e}"))
+                    } else {
+                        Status::permission_denied(e.to_string())
+                    }
+                })?;
+            cross_check(&who, facts.as_ref())?;
+        }
+        Ok(who)
+    }
+
     /// Checks the identity claimed in `hello`; PERMISSION_DENIED when it does not hold.
     pub fn verify(&self, hello: &Hello) -> Result<VerifiedIdentity, Status> {
         let id = hello
@@ -130,7 +179,7 @@ impl AgentGateway for Gateway {
         else {
             return Err(Status::invalid_argument("the first message must be hello"));
         };
-        let who = match self.verify(&hello) {
+        let who = match self.admit(&hello).await {
             Ok(w) => w,
             Err(status) => {
                 warn!(%peer, %subject, "refused agent session: {}", status.message());
@@ -207,6 +256,39 @@ async fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn who() -> VerifiedIdentity {
+        VerifiedIdentity {
+            instance_id: "i-0123456789abcdef0".into(),
+            region: "us-east-1".into(),
+            account_id: "123456789012".into(),
+            kind: "instance-identity",
+        }
+    }
+
+    fn facts(state: &str, owner: Option<&str>) -> InstanceFacts {
+        InstanceFacts {
+            instance_id: "i-0123456789abcdef0".into(),
+            state: state.into(),
+            owner_account: owner.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn cross_check_requires_existing_running_instance_of_the_account() {
+        assert!(cross_check(&who(), Some(&facts("running", Some("123456789012")))).is_ok());
+        assert!(cross_check(&who(), Some(&facts("running", None))).is_ok());
+        let e = cross_check(&who(), None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("does not exist"));
+        let e = cross_check(&who(), Some(&facts("stopped", None))).unwrap_err();
+        assert!(e.message().contains("stopped, not running"), "{e:?}");
+        let e = cross_check(&who(), Some(&facts("running", Some("999999999999")))).unwrap_err();
+        assert!(
+            e.message().contains("belongs to account 999999999999"),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn instance_ids() {

@@ -6,6 +6,7 @@ pub mod attest;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod ec2;
 pub mod gateway;
 pub mod registry;
 pub mod server;

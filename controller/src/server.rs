@@ -67,6 +67,11 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         allow_static: p.allow_static,
         heartbeat_interval: Duration::from_secs(cfg.sessions.heartbeat_interval_secs.into()),
         hello_timeout: Duration::from_secs(cfg.sessions.hello_timeout_secs.into()),
+        cloud: cfg
+            .ec2
+            .as_ref()
+            .filter(|e| e.verify_instances)
+            .map(|e| Arc::new(crate::ec2::Ec2::new(e.clone())) as Arc<dyn crate::ec2::Cloud>),
     };
 
     let listener = TcpListener::bind(cfg.listen.agents)

@@ -199,6 +199,8 @@ impl Default for Pki {
 /// Options for a controller under test.
 #[derive(Clone)]
 pub struct ControllerOpts {
+    /// EC2 endpoint (moto) to cross-check agents' instances against.
+    pub ec2_endpoint: Option<String>,
     pub allow_static: bool,
     pub heartbeat_interval_secs: u32,
     pub heartbeat_timeout_secs: u32,
@@ -207,6 +209,7 @@ pub struct ControllerOpts {
 impl Default for ControllerOpts {
     fn default() -> Self {
         ControllerOpts {
+            ec2_endpoint: None,
             allow_static: false,
             heartbeat_interval_secs: 1,
             heartbeat_timeout_secs: 3,
@@ -247,8 +250,25 @@ impl Controller {
             ),
         )
         .expect("controller config");
+        if let Some(endpoint) = &opts.ec2_endpoint {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&config)
+                .expect("config");
+            std::io::Write::write_all(
+                &mut f,
+                format!(
+                    "[ec2]\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\nmax_attempts = 2\n"
+                )
+                .as_bytes(),
+            )
+            .expect("config");
+        }
         let mut cmd = Command::new(bin("amiprep"));
         cmd.arg("serve").arg("--config").arg(&config);
+        for (k, v) in MOTO_CREDENTIALS {
+            cmd.env(k, v);
+        }
         if opts.allow_static {
             cmd.arg("--allow-static-identities");
         }
@@ -406,5 +426,105 @@ impl Agent {
         Agent {
             proc: Proc::spawn("agent", cmd, pki.file(&format!("agent-{tag}.log"))),
         }
+    }
+}
+
+/// Credentials moto accepts; never real ones.
+pub const MOTO_CREDENTIALS: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// A moto server on 127.0.0.1: EC2 for tests, reached by the real SDK.
+pub struct Moto {
+    pub proc: Proc,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Moto {
+    /// Starts `moto_server` from `$AMIPREP_MOTO_SERVER` (set up by
+    /// `scripts/test-env.sh`).
+    pub fn start() -> Moto {
+        let server = std::env::var_os("AMIPREP_MOTO_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                Some(
+                    PathBuf::from(home)
+                        .join(".cache/amiprep-tests/venv-moto-5.2.5/bin/moto_server"),
+                )
+            })
+            .filter(|p| p.exists())
+            .expect("moto_server not found: run scripts/test-env.sh (or set AMIPREP_MOTO_SERVER)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut cmd = Command::new(server);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let mut proc = Proc::spawn("moto", cmd, dir.path().join("moto.log"));
+        let up = wait_for(Duration::from_secs(60), || {
+            if !proc.is_running() {
+                panic!("moto exited:\n{}", proc.log_text());
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+        assert!(up.is_some(), "moto did not start:\n{}", proc.log_text());
+        Moto {
+            proc,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An SDK client for this moto, with test credentials.
+    pub fn client(&self) -> aws_sdk_ec2::Client {
+        use aws_smithy_http_client::{Builder, tls};
+        let http = Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .http_client(http)
+            .build();
+        aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// Launches one instance from moto's first listed image; returns its id.
+    pub async fn run_instance(&self) -> String {
+        let ec2 = self.client();
+        let images = ec2.describe_images().send().await.expect("DescribeImages");
+        let image = images
+            .images()
+            .iter()
+            .find_map(|i| i.image_id())
+            .expect("moto lists images")
+            .to_owned();
+        let out = ec2
+            .run_instances()
+            .image_id(image)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .send()
+            .await
+            .expect("RunInstances");
+        out.instances()[0]
+            .instance_id()
+            .expect("instance id")
+            .to_owned()
     }
 }

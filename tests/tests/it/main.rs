@@ -5,6 +5,7 @@
 
 mod client;
 mod config;
+mod ec2;
 mod identity;
 mod session;
 mod tls;
