@@ -180,6 +180,12 @@ mod tests {
     const TLS: &str = "[tls]\nca='ca.pem'\ncert='a.pem'\nkey='a.key'\n";
 
     #[test]
+    fn packaged_example_parses() {
+        let c = parse(include_str!("../../packaging/config/agent.toml")).unwrap();
+        assert_eq!(c.identity.source, IdentitySource::Imds);
+    }
+
+    #[test]
     fn minimal_config_defaults_to_imds() {
         let c = parse(&format!("controller='ctl.example:7443'\n{TLS}")).unwrap();
         assert_eq!(c.identity.source, IdentitySource::Imds);

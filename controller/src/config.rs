@@ -186,6 +186,12 @@ mod tests {
     const TLS: &str = "[tls]\nca='ca.pem'\ncert='c.pem'\nkey='c.key'\n";
 
     #[test]
+    fn packaged_example_parses() {
+        let c = parse(include_str!("../../packaging/config/controller.toml")).unwrap();
+        assert_eq!(c.ec2.unwrap().region, "us-east-1");
+    }
+
+    #[test]
     fn defaults() {
         let c = parse(TLS).unwrap();
         assert_eq!(c.listen.agents.port(), 7443);
