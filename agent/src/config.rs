@@ -19,6 +19,14 @@ pub struct AgentConfig {
     pub identity: IdentitySection,
     #[serde(default)]
     pub session: SessionSection,
+    /// The root the agent prepares and verifies (`/` on a host; another
+    /// directory for a mounted image or a simulated instance).
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+}
+
+fn default_root() -> PathBuf {
+    PathBuf::from("/")
 }
 
 #[derive(Debug, Clone, Deserialize)]

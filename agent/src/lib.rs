@@ -6,5 +6,6 @@ pub mod config;
 pub mod imds;
 pub mod osinfo;
 pub mod prepare;
+pub mod requests;
 pub mod scan;
 pub mod session;

@@ -160,9 +160,9 @@ impl Agent {
         Ok(Hello {
             agent_version: amiprep_proto::VERSION.to_owned(),
             identity: Some(identity),
-            os: Some(osinfo::os_info(std::path::Path::new("/"))),
+            os: Some(osinfo::os_info(&self.config.root)),
             boot_id: osinfo::boot_id(),
-            capabilities: Vec::new(),
+            capabilities: vec!["prepare".into(), "verify".into()],
             hostname: osinfo::hostname(),
         })
     }
@@ -233,7 +233,7 @@ impl Agent {
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
                         last_seen = Instant::now();
-                        self.handle(m);
+                        self.handle(m, &tx);
                     }
                     Ok(None) => return Ok(SessionEnd::Lost("controller closed the session".into())),
                     Err(status) => return Ok(SessionEnd::Lost(format!("{}: {}", status.code(), status.message()))),
@@ -242,13 +242,61 @@ impl Agent {
         }
     }
 
-    fn handle(&self, msg: ControllerMessage) {
+    fn handle(&self, msg: ControllerMessage, tx: &mpsc::Sender<AgentMessage>) {
+        let root = self.config.root.clone();
+        let tx = tx.clone();
         match msg.msg {
             Some(controller_message::Msg::HeartbeatAck(_)) | None => {}
-            Some(other) => warn!("ignoring a request this agent does not support: {other:?}"),
+            Some(controller_message::Msg::Prepare(p)) => {
+                info!(promotion = %p.promotion_id, "prepare requested");
+                tokio::spawn(async move {
+                    // One prepare at a time; a repeated request (after a
+                    // reconnect) runs again, which is safe: every step is
+                    // idempotent.
+                    let _guard = PREPARE_LOCK.lock().await;
+                    let id = p.promotion_id.clone();
+                    let report = tokio::task::spawn_blocking(move || {
+                        crate::requests::prepare(&root, &p.promotion_id, &p.policy_toml)
+                    })
+                    .await
+                    .unwrap_or_else(|e| amiprep_proto::v1::Report {
+                        promotion_id: id,
+                        error: format!("prepare panicked: {e}"),
+                        ..Default::default()
+                    });
+                    info!(promotion = %report.promotion_id, ready = report.ready, "prepare finished");
+                    let _ = tx.send(message(agent_message::Msg::Report(report))).await;
+                });
+            }
+            Some(controller_message::Msg::Verify(v)) => {
+                info!(promotion = %v.promotion_id, "verify requested");
+                tokio::spawn(async move {
+                    let id = v.promotion_id.clone();
+                    let exp = v.expectations.unwrap_or_default();
+                    let result = tokio::task::spawn_blocking(move || {
+                        crate::requests::verify(&root, &v.promotion_id, &exp)
+                    })
+                    .await
+                    .unwrap_or_else(|e| amiprep_proto::v1::VerifyResult {
+                        promotion_id: id,
+                        error: format!("verify panicked: {e}"),
+                        ..Default::default()
+                    });
+                    let _ = tx
+                        .send(message(agent_message::Msg::VerifyResult(result)))
+                        .await;
+                });
+            }
+            Some(controller_message::Msg::Cancel(c)) => {
+                warn!(promotion = %c.promotion_id, "cancel requested; a running prepare finishes its current step set");
+            }
+            Some(controller_message::Msg::Welcome(_)) => {}
         }
     }
 }
+
+/// Serialises prepares: two at once on one host would fight over the same files.
+static PREPARE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn message(msg: agent_message::Msg) -> AgentMessage {
     AgentMessage { msg: Some(msg) }

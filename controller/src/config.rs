@@ -21,6 +21,88 @@ pub struct ControllerConfig {
     /// EC2 access; without it, agents' instances are not cross-checked.
     #[serde(default)]
     pub ec2: Option<crate::ec2::Ec2Section>,
+    #[serde(default)]
+    pub pipeline: PipelineSection,
+}
+
+/// `[pipeline]`: where promotions are kept and how long each wait may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// SQLite database of promotions.
+    #[serde(default = "default_state_db")]
+    pub state_db: PathBuf,
+    /// Where promotion manifests (JSON) are written.
+    #[serde(default = "default_manifest_dir")]
+    pub manifest_dir: PathBuf,
+    /// How long to wait for an instance's agent to be connected.
+    #[serde(default = "d300")]
+    pub agent_wait_secs: u64,
+    #[serde(default = "d3600")]
+    pub prepare_timeout_secs: u64,
+    #[serde(default = "d900")]
+    pub stop_timeout_secs: u64,
+    #[serde(default = "d3600")]
+    pub image_timeout_secs: u64,
+    /// Canary: running, status checks ok, agent connected and verdict given.
+    #[serde(default = "d1200")]
+    pub canary_timeout_secs: u64,
+    #[serde(default = "default_canary_type")]
+    pub canary_instance_type: String,
+    /// Polling backoff (with jitter) for every wait.
+    #[serde(default = "d2000")]
+    pub poll_initial_ms: u64,
+    #[serde(default = "d30000")]
+    pub poll_max_ms: u64,
+    /// A step that keeps failing transiently (after the SDK's own retries)
+    /// fails the promotion after this many further attempts.
+    #[serde(default = "d10")]
+    pub max_step_retries: u32,
+    /// Image facts required by verification.
+    #[serde(default)]
+    pub require_ena: bool,
+    #[serde(default)]
+    pub require_encrypted: bool,
+    #[serde(default)]
+    pub require_boot_mode: Option<String>,
+}
+
+impl Default for PipelineSection {
+    fn default() -> Self {
+        // Deserializing an empty table applies every field default above.
+        toml::from_str("").unwrap_or_else(|_| unreachable!("an empty [pipeline] is valid"))
+    }
+}
+
+fn default_state_db() -> PathBuf {
+    PathBuf::from("/var/lib/amiprep/state.db")
+}
+fn default_manifest_dir() -> PathBuf {
+    PathBuf::from("/var/lib/amiprep/manifests")
+}
+fn default_canary_type() -> String {
+    "t3.micro".to_owned()
+}
+fn d10() -> u32 {
+    10
+}
+fn d300() -> u64 {
+    300
+}
+fn d900() -> u64 {
+    900
+}
+fn d1200() -> u64 {
+    1200
+}
+fn d2000() -> u64 {
+    2000
+}
+fn d3600() -> u64 {
+    3600
+}
+fn d30000() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +234,14 @@ impl ControllerConfig {
                     "must be an http:// or https:// URL",
                 ));
             }
+        }
+        let p = &self.pipeline;
+        if p.poll_initial_ms == 0 || p.poll_max_ms < p.poll_initial_ms {
+            return Err(ConfigError::invalid(
+                path,
+                "pipeline.poll_max_ms",
+                "must be at least pipeline.poll_initial_ms, which must be above 0",
+            ));
         }
         if self.listen.admin_socket.as_os_str().is_empty() {
             return Err(ConfigError::invalid(

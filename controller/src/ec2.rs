@@ -72,6 +72,33 @@ impl CloudError {
     }
 }
 
+/// What the controller needs to know about an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub image_id: String,
+    pub name: String,
+    /// `pending`, `available`, `failed`, `deregistered`, ...
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub root_device_name: Option<String>,
+    pub snapshot_ids: Vec<String>,
+    pub ena_support: Option<bool>,
+    pub boot_mode: Option<String>,
+    pub encrypted: bool,
+    pub tags: Vec<(String, String)>,
+}
+
+/// Health of a (canary) instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceHealth {
+    pub state: String,
+    /// Both the instance and system status checks report `ok`.
+    pub status_ok: bool,
+}
+
+/// Tags are `(key, value)` pairs.
+pub type Tags = [(String, String)];
+
 #[tonic::async_trait]
 pub trait Cloud: Send + Sync {
     /// `Ok(None)` when the instance does not exist in `region`.
@@ -80,6 +107,95 @@ pub trait Cloud: Send + Sync {
         region: &str,
         instance_id: &str,
     ) -> Result<Option<InstanceFacts>, CloudError>;
+    async fn stop_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
+    async fn start_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
+    async fn terminate_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
+    /// Instance and system status checks of a running instance.
+    async fn instance_health(
+        &self,
+        region: &str,
+        instance_id: &str,
+    ) -> Result<Option<InstanceHealth>, CloudError>;
+    /// Creates an image, tagged; returns its id. Snapshots are tagged with
+    /// [`Cloud::create_tags`] once the image lists them (not every EC2
+    /// implementation accepts snapshot tags on CreateImage).
+    async fn create_image(
+        &self,
+        region: &str,
+        instance_id: &str,
+        name: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError>;
+    async fn describe_image(
+        &self,
+        region: &str,
+        image_id: &str,
+    ) -> Result<Option<ImageFacts>, CloudError>;
+    /// Images owned by this account carrying tag `key=value`.
+    async fn find_images(
+        &self,
+        region: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ImageFacts>, CloudError>;
+    /// An image owned by this account with exactly this name.
+    async fn find_image_by_name(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<ImageFacts>, CloudError>;
+    /// `(snapshot id, state)` for each id.
+    async fn snapshot_states(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<Vec<(String, String)>, CloudError>;
+    async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), CloudError>;
+    async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), CloudError>;
+    /// Launches one instance from `image_id`, tagged; returns its id.
+    async fn run_instance(
+        &self,
+        region: &str,
+        image_id: &str,
+        instance_type: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError>;
+    /// Instances (not terminated) carrying tag `key=value`.
+    async fn find_instances(
+        &self,
+        region: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<InstanceFacts>, CloudError>;
+    /// Copies `image_id` from `source_region` into `region`; returns the copy's id.
+    async fn copy_image(
+        &self,
+        source_region: &str,
+        image_id: &str,
+        region: &str,
+        name: &str,
+        description: &str,
+        kms_key_id: Option<&str>,
+    ) -> Result<String, CloudError>;
+    async fn create_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        tags: &Tags,
+    ) -> Result<(), CloudError>;
+    async fn share_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        accounts: &[String],
+    ) -> Result<(), CloudError>;
+    async fn deprecate_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        at: std::time::SystemTime,
+    ) -> Result<(), CloudError>;
 }
 
 /// aws-sdk-ec2 behind [`Cloud`], one client per region.
@@ -149,6 +265,91 @@ pub async fn client(
     aws_sdk_ec2::Client::new(&loader.load().await)
 }
 
+fn tag(key: &str, value: &str) -> aws_sdk_ec2::types::Tag {
+    aws_sdk_ec2::types::Tag::builder()
+        .key(key)
+        .value(value)
+        .build()
+}
+
+fn tag_spec(
+    kind: aws_sdk_ec2::types::ResourceType,
+    tags: &Tags,
+) -> aws_sdk_ec2::types::TagSpecification {
+    let mut b = aws_sdk_ec2::types::TagSpecification::builder().resource_type(kind);
+    for (k, v) in tags {
+        b = b.tags(tag(k, v));
+    }
+    b.build()
+}
+
+fn filter(name: &str, value: &str) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name(name)
+        .values(value)
+        .build()
+}
+
+/// Maps an SDK error to a [`CloudError`], keeping EC2's error code.
+fn sdk_error<E, R>(action: &'static str, e: &aws_sdk_ec2::error::SdkError<E, R>) -> CloudError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let fallback = aws_sdk_ec2::error::DisplayErrorContext(e).to_string();
+    classify(action, e, fallback)
+}
+
+fn image_facts(i: &aws_sdk_ec2::types::Image) -> ImageFacts {
+    ImageFacts {
+        image_id: i.image_id().unwrap_or_default().to_owned(),
+        name: i.name().unwrap_or_default().to_owned(),
+        state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        state_reason: i
+            .state_reason()
+            .and_then(|r| r.message())
+            .map(str::to_owned),
+        root_device_name: i.root_device_name().map(str::to_owned),
+        snapshot_ids: i
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs()?.snapshot_id().map(str::to_owned))
+            .collect(),
+        ena_support: i.ena_support(),
+        boot_mode: i.boot_mode().map(|b| b.as_str().to_owned()),
+        encrypted: i
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs())
+            .any(|e| e.encrypted() == Some(true)),
+        tags: i
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+fn instance_facts(
+    reservation_owner: Option<&str>,
+    i: &aws_sdk_ec2::types::Instance,
+) -> InstanceFacts {
+    InstanceFacts {
+        instance_id: i.instance_id().unwrap_or_default().to_owned(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        owner_account: reservation_owner.map(str::to_owned),
+    }
+}
+
 fn classify<E: ProvideErrorMetadata>(action: &'static str, e: &E, fallback: String) -> CloudError {
     let code = e.code().unwrap_or_default();
     let message = e.message().map(str::to_owned).unwrap_or(fallback);
@@ -187,29 +388,391 @@ impl Cloud for Ec2 {
         let out = match out {
             Ok(o) => o,
             Err(e) => {
-                let fallback = aws_sdk_ec2::error::DisplayErrorContext(&e).to_string();
-                let code = e.code().unwrap_or_default();
-                if code.starts_with("InvalidInstanceID.") {
+                if e.code()
+                    .unwrap_or_default()
+                    .starts_with("InvalidInstanceID.")
+                {
                     return Ok(None);
                 }
-                return Err(classify("DescribeInstances", &e, fallback));
+                return Err(sdk_error("DescribeInstances", &e));
             }
         };
-        for reservation in out.reservations() {
-            for instance in reservation.instances() {
-                if instance.instance_id() == Some(instance_id) {
-                    return Ok(Some(InstanceFacts {
-                        instance_id: instance_id.to_owned(),
-                        state: instance
-                            .state()
-                            .and_then(|s| s.name())
-                            .map(|n| n.as_str().to_owned())
-                            .unwrap_or_default(),
-                        owner_account: reservation.owner_id().map(str::to_owned),
-                    }));
-                }
-            }
+        Ok(out.reservations().iter().find_map(|r| {
+            r.instances()
+                .iter()
+                .find(|i| i.instance_id() == Some(instance_id))
+                .map(|i| instance_facts(r.owner_id(), i))
+        }))
+    }
+
+    async fn stop_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError> {
+        self.client(region)
+            .await
+            .stop_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("StopInstances", &e))?;
+        Ok(())
+    }
+
+    async fn start_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError> {
+        self.client(region)
+            .await
+            .start_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("StartInstances", &e))?;
+        Ok(())
+    }
+
+    async fn terminate_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError> {
+        match self
+            .client(region)
+            .await
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(sdk_error("TerminateInstances", &e)),
         }
-        Ok(None)
+    }
+
+    async fn instance_health(
+        &self,
+        region: &str,
+        instance_id: &str,
+    ) -> Result<Option<InstanceHealth>, CloudError> {
+        let out = self
+            .client(region)
+            .await
+            .describe_instance_status()
+            .instance_ids(instance_id)
+            .include_all_instances(true)
+            .send()
+            .await;
+        let out = match out {
+            Ok(o) => o,
+            Err(e)
+                if e.code()
+                    .unwrap_or_default()
+                    .starts_with("InvalidInstanceID.") =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(sdk_error("DescribeInstanceStatus", &e)),
+        };
+        let ok = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
+            s.and_then(|s| s.status())
+                .is_some_and(|st| st.as_str() == "ok")
+        };
+        Ok(out
+            .instance_statuses()
+            .iter()
+            .find(|s| s.instance_id() == Some(instance_id))
+            .map(|s| InstanceHealth {
+                state: s
+                    .instance_state()
+                    .and_then(|st| st.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default(),
+                status_ok: ok(s.instance_status()) && ok(s.system_status()),
+            }))
+    }
+
+    async fn create_image(
+        &self,
+        region: &str,
+        instance_id: &str,
+        name: &str,
+        description: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError> {
+        use aws_sdk_ec2::types::ResourceType;
+        let out = self
+            .client(region)
+            .await
+            .create_image()
+            .instance_id(instance_id)
+            .name(name)
+            .description(description)
+            .tag_specifications(tag_spec(ResourceType::Image, tags))
+            .send()
+            .await
+            .map_err(|e| sdk_error("CreateImage", &e))?;
+        out.image_id()
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::Other {
+                action: "CreateImage",
+                message: "no image id in the response".into(),
+            })
+    }
+
+    async fn describe_image(
+        &self,
+        region: &str,
+        image_id: &str,
+    ) -> Result<Option<ImageFacts>, CloudError> {
+        match self
+            .client(region)
+            .await
+            .describe_images()
+            .image_ids(image_id)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out
+                .images()
+                .iter()
+                .find(|i| i.image_id() == Some(image_id))
+                .map(image_facts)),
+            Err(e) if e.code().unwrap_or_default().starts_with("InvalidAMIID.") => Ok(None),
+            Err(e) => Err(sdk_error("DescribeImages", &e)),
+        }
+    }
+
+    async fn find_images(
+        &self,
+        region: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ImageFacts>, CloudError> {
+        let out = self
+            .client(region)
+            .await
+            .describe_images()
+            .owners("self")
+            .filters(filter(&format!("tag:{key}"), value))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeImages", &e))?;
+        Ok(out.images().iter().map(image_facts).collect())
+    }
+
+    async fn find_image_by_name(
+        &self,
+        region: &str,
+        name: &str,
+    ) -> Result<Option<ImageFacts>, CloudError> {
+        let out = self
+            .client(region)
+            .await
+            .describe_images()
+            .owners("self")
+            .filters(filter("name", name))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeImages", &e))?;
+        Ok(out
+            .images()
+            .iter()
+            .find(|i| i.name() == Some(name))
+            .map(image_facts))
+    }
+
+    async fn snapshot_states(
+        &self,
+        region: &str,
+        snapshot_ids: &[String],
+    ) -> Result<Vec<(String, String)>, CloudError> {
+        if snapshot_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .client(region)
+            .await
+            .describe_snapshots()
+            .set_snapshot_ids(Some(snapshot_ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeSnapshots", &e))?;
+        Ok(out
+            .snapshots()
+            .iter()
+            .map(|s| {
+                (
+                    s.snapshot_id().unwrap_or_default().to_owned(),
+                    s.state()
+                        .map(|st| st.as_str().to_owned())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), CloudError> {
+        match self
+            .client(region)
+            .await
+            .deregister_image()
+            .image_id(image_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code().unwrap_or_default().starts_with("InvalidAMIID.") => Ok(()),
+            Err(e) => Err(sdk_error("DeregisterImage", &e)),
+        }
+    }
+
+    async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), CloudError> {
+        match self
+            .client(region)
+            .await
+            .delete_snapshot()
+            .snapshot_id(snapshot_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
+            Err(e) => Err(sdk_error("DeleteSnapshot", &e)),
+        }
+    }
+
+    async fn run_instance(
+        &self,
+        region: &str,
+        image_id: &str,
+        instance_type: &str,
+        tags: &Tags,
+    ) -> Result<String, CloudError> {
+        use aws_sdk_ec2::types::{InstanceType, ResourceType};
+        let out = self
+            .client(region)
+            .await
+            .run_instances()
+            .image_id(image_id)
+            .instance_type(InstanceType::from(instance_type))
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(tag_spec(ResourceType::Instance, tags))
+            .send()
+            .await
+            .map_err(|e| sdk_error("RunInstances", &e))?;
+        out.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::Other {
+                action: "RunInstances",
+                message: "no instance in the response".into(),
+            })
+    }
+
+    async fn find_instances(
+        &self,
+        region: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<InstanceFacts>, CloudError> {
+        let out = self
+            .client(region)
+            .await
+            .describe_instances()
+            .filters(filter(&format!("tag:{key}"), value))
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeInstances", &e))?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| {
+                r.instances()
+                    .iter()
+                    .map(move |i| instance_facts(r.owner_id(), i))
+            })
+            .filter(|f| f.state != "terminated")
+            .collect())
+    }
+
+    async fn copy_image(
+        &self,
+        source_region: &str,
+        image_id: &str,
+        region: &str,
+        name: &str,
+        description: &str,
+        kms_key_id: Option<&str>,
+    ) -> Result<String, CloudError> {
+        let mut req = self
+            .client(region)
+            .await
+            .copy_image()
+            .source_region(source_region)
+            .source_image_id(image_id)
+            .name(name)
+            .description(description);
+        if let Some(kms) = kms_key_id {
+            req = req.encrypted(true).kms_key_id(kms);
+        }
+        let out = req.send().await.map_err(|e| sdk_error("CopyImage", &e))?;
+        out.image_id()
+            .map(str::to_owned)
+            .ok_or_else(|| CloudError::Other {
+                action: "CopyImage",
+                message: "no image id in the response".into(),
+            })
+    }
+
+    async fn create_tags(
+        &self,
+        region: &str,
+        resource_ids: &[String],
+        tags: &Tags,
+    ) -> Result<(), CloudError> {
+        let mut req = self
+            .client(region)
+            .await
+            .create_tags()
+            .set_resources(Some(resource_ids.to_vec()));
+        for (k, v) in tags {
+            req = req.tags(tag(k, v));
+        }
+        req.send().await.map_err(|e| sdk_error("CreateTags", &e))?;
+        Ok(())
+    }
+
+    async fn share_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        accounts: &[String],
+    ) -> Result<(), CloudError> {
+        use aws_sdk_ec2::types::{LaunchPermission, LaunchPermissionModifications};
+        let mut mods = LaunchPermissionModifications::builder();
+        for a in accounts {
+            mods = mods.add(LaunchPermission::builder().user_id(a).build());
+        }
+        self.client(region)
+            .await
+            .modify_image_attribute()
+            .image_id(image_id)
+            .launch_permission(mods.build())
+            .send()
+            .await
+            .map_err(|e| sdk_error("ModifyImageAttribute", &e))?;
+        Ok(())
+    }
+
+    async fn deprecate_image(
+        &self,
+        region: &str,
+        image_id: &str,
+        at: std::time::SystemTime,
+    ) -> Result<(), CloudError> {
+        self.client(region)
+            .await
+            .enable_image_deprecation()
+            .image_id(image_id)
+            .deprecate_at(aws_sdk_ec2::primitives::DateTime::from(at))
+            .send()
+            .await
+            .map_err(|e| sdk_error("EnableImageDeprecation", &e))?;
+        Ok(())
     }
 }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     attest::DocumentVerifier,
     ec2::{Cloud, InstanceFacts},
-    registry::{Registry, SessionHandle, unix_ms},
+    registry::{AgentEvent, Registry, SessionHandle, unix_ms},
 };
 
 pub struct Gateway {
@@ -217,7 +217,7 @@ impl AgentGateway for Gateway {
         })))
         .await
         .map_err(|_| Status::cancelled("session closed"))?;
-        let handle = self.registry.register(info);
+        let handle = self.registry.register_with(info, Some(tx.clone()));
         info!(instance = %who.instance_id, session = %session_id, %peer, identity = who.kind, "agent connected");
         tokio::spawn(run_session(self.registry.clone(), handle, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -242,6 +242,18 @@ async fn run_session(
                     if tx.send(to_agent(controller_message::Msg::HeartbeatAck(HeartbeatAck { seq: hb.seq }))).await.is_err() {
                         break "stream closed";
                     }
+                }
+                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Progress(p)) })) => {
+                    registry.heartbeat(&handle);
+                    registry.deliver(&p.promotion_id.clone(), AgentEvent::Progress(p));
+                }
+                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Report(r)) })) => {
+                    registry.heartbeat(&handle);
+                    registry.deliver(&r.promotion_id.clone(), AgentEvent::Report(r));
+                }
+                Ok(Some(AgentMessage { msg: Some(agent_message::Msg::VerifyResult(v)) })) => {
+                    registry.heartbeat(&handle);
+                    registry.deliver(&v.promotion_id.clone(), AgentEvent::Verify(v));
                 }
                 Ok(Some(_)) => registry.heartbeat(&handle),
                 Ok(None) => break "agent closed the session",

@@ -6,8 +6,22 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use amiprep_proto::v1::AgentInfo;
-use tokio::sync::Notify;
+use amiprep_proto::v1::{
+    AgentInfo, ControllerMessage, Progress, Report, VerifyResult, controller_message,
+};
+use tokio::sync::{Notify, mpsc};
+use tonic::Status;
+
+/// The sending half of a session's response stream.
+pub type SessionSender = mpsc::Sender<Result<ControllerMessage, Status>>;
+
+/// What an agent sends back about a promotion.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    Progress(Progress),
+    Report(Report),
+    Verify(VerifyResult),
+}
 
 /// One live session.
 #[derive(Debug)]
@@ -16,11 +30,14 @@ struct Entry {
     last_heartbeat: Instant,
     /// Wakes the session task so it ends the stream.
     drop_signal: Arc<Notify>,
+    tx: Option<SessionSender>,
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
     agents: Mutex<HashMap<String, Entry>>,
+    /// Promotion id -> whoever waits for that promotion's agent events.
+    listeners: Mutex<HashMap<String, mpsc::UnboundedSender<AgentEvent>>>,
 }
 
 /// Handle a session task keeps; removing the session from the registry
@@ -46,6 +63,11 @@ impl Registry {
 
     /// Adds a session; an older session of the same instance is told to end.
     pub fn register(&self, info: AgentInfo) -> SessionHandle {
+        self.register_with(info, None)
+    }
+
+    /// Adds a session whose stream can carry requests to the agent.
+    pub fn register_with(&self, info: AgentInfo, tx: Option<SessionSender>) -> SessionHandle {
         let handle = SessionHandle {
             instance_id: info.instance_id.clone(),
             session_id: info.session_id.clone(),
@@ -55,6 +77,7 @@ impl Registry {
             info,
             last_heartbeat: Instant::now(),
             drop_signal: handle.drop_signal.clone(),
+            tx,
         };
         if let Some(old) = self.lock().insert(handle.instance_id.clone(), entry) {
             old.drop_signal.notify_one();
@@ -95,6 +118,53 @@ impl Registry {
             }
         }
         stale
+    }
+
+    /// Session id of the instance's current session.
+    pub fn session_of(&self, instance_id: &str) -> Option<String> {
+        self.lock()
+            .get(instance_id)
+            .map(|e| e.info.session_id.clone())
+    }
+
+    /// Sends `msg` to the instance's agent and subscribes to the events of
+    /// `promotion_id`. Returns the session id used, or `None` when the
+    /// instance has no session.
+    pub async fn request(
+        &self,
+        instance_id: &str,
+        promotion_id: &str,
+        msg: controller_message::Msg,
+    ) -> Option<(String, mpsc::UnboundedReceiver<AgentEvent>)> {
+        let (session, tx) = {
+            let agents = self.lock();
+            let e = agents.get(instance_id)?;
+            (e.info.session_id.clone(), e.tx.clone()?)
+        };
+        let (ltx, lrx) = mpsc::unbounded_channel();
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(promotion_id.to_owned(), ltx);
+        tx.send(Ok(ControllerMessage { msg: Some(msg) }))
+            .await
+            .ok()?;
+        Some((session, lrx))
+    }
+
+    /// Hands an agent's event to whoever waits for its promotion.
+    pub fn deliver(&self, promotion_id: &str, event: AgentEvent) {
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = listeners.get(promotion_id) {
+            let _ = l.send(event);
+        }
+    }
+
+    pub fn forget(&self, promotion_id: &str) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(promotion_id);
     }
 
     pub fn list(&self) -> Vec<AgentInfo> {

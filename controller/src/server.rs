@@ -61,17 +61,40 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         );
     }
     let registry = Arc::new(Registry::default());
+    let cloud: Option<Arc<dyn crate::ec2::Cloud>> = cfg
+        .ec2
+        .as_ref()
+        .map(|e| Arc::new(crate::ec2::Ec2::new(e.clone())) as Arc<dyn crate::ec2::Cloud>);
+    let pipeline = match (&cloud, &cfg.ec2) {
+        (Some(cloud), Some(ec2)) => {
+            let store = Arc::new(crate::store::Store::open(&cfg.pipeline.state_db)?);
+            let p = crate::pipeline::Pipeline::new(
+                store,
+                cloud.clone(),
+                registry.clone(),
+                cfg.pipeline.clone(),
+                ec2.region.clone(),
+            );
+            let resumed = p.resume_all()?;
+            if resumed > 0 {
+                info!("resumed {resumed} unfinished promotion(s)");
+            }
+            Some(p)
+        }
+        _ => {
+            warn!("no [ec2] configuration: promotions are disabled");
+            None
+        }
+    };
     let gateway = Gateway {
         registry: registry.clone(),
         verifier: p.verifier,
         allow_static: p.allow_static,
         heartbeat_interval: Duration::from_secs(cfg.sessions.heartbeat_interval_secs.into()),
         hello_timeout: Duration::from_secs(cfg.sessions.hello_timeout_secs.into()),
-        cloud: cfg
-            .ec2
-            .as_ref()
-            .filter(|e| e.verify_instances)
-            .map(|e| Arc::new(crate::ec2::Ec2::new(e.clone())) as Arc<dyn crate::ec2::Cloud>),
+        cloud: cloud
+            .clone()
+            .filter(|_| cfg.ec2.as_ref().is_some_and(|e| e.verify_instances)),
     };
 
     let listener = TcpListener::bind(cfg.listen.agents)
@@ -114,6 +137,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         .add_service(reflection()?)
         .add_service(AdminServer::new(AdminService {
             registry: registry.clone(),
+            pipeline,
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), {
             let mut s = shutdown.clone();

@@ -6,7 +6,9 @@
 //! them over real mTLS on 127.0.0.1. Build them first (`scripts/test` does):
 //! `cargo build --workspace --bins`.
 
+pub mod fault;
 pub mod imds;
+pub mod sim;
 
 use std::{
     fs,
@@ -143,6 +145,11 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// A PKI that already exists at `dir` (not removed on drop).
+    pub fn at(dir: &Path) -> PkiRef {
+        PkiRef(dir.to_owned())
+    }
+
     pub fn new() -> Pki {
         let dir = tempfile::Builder::new()
             .prefix("amiprep-test-")
@@ -190,6 +197,26 @@ impl Pki {
     }
 }
 
+/// A borrowed view of an existing PKI directory.
+pub struct PkiRef(PathBuf);
+
+/// What agents and fake IMDS servers need from a PKI.
+pub trait PkiFiles {
+    fn file(&self, name: &str) -> PathBuf;
+}
+
+impl PkiFiles for Pki {
+    fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+}
+
+impl PkiFiles for PkiRef {
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
 impl Default for Pki {
     fn default() -> Self {
         Self::new()
@@ -204,6 +231,8 @@ pub struct ControllerOpts {
     pub allow_static: bool,
     pub heartbeat_interval_secs: u32,
     pub heartbeat_timeout_secs: u32,
+    /// Extra TOML appended to the configuration (e.g. a `[pipeline]` table).
+    pub extra: String,
 }
 
 impl Default for ControllerOpts {
@@ -213,6 +242,7 @@ impl Default for ControllerOpts {
             allow_static: false,
             heartbeat_interval_secs: 1,
             heartbeat_timeout_secs: 3,
+            extra: String::new(),
         }
     }
 }
@@ -258,11 +288,18 @@ impl Controller {
             std::io::Write::write_all(
                 &mut f,
                 format!(
-                    "[ec2]\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\nmax_attempts = 2\n"
+                    "[ec2]\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\nmax_attempts = 4\n"
                 )
                 .as_bytes(),
             )
             .expect("config");
+        }
+        if !opts.extra.is_empty() {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(&config)
+                .expect("config");
+            std::io::Write::write_all(&mut f, opts.extra.as_bytes()).expect("config");
         }
         let mut cmd = Command::new(bin("amiprep"));
         cmd.arg("serve").arg("--config").arg(&config);
@@ -353,7 +390,7 @@ pub struct FakeImds {
 }
 
 impl FakeImds {
-    pub fn start(pki: &Pki, instance_id: &str, signing_stem: &str) -> FakeImds {
+    pub fn start(pki: &impl PkiFiles, instance_id: &str, signing_stem: &str) -> FakeImds {
         let port_file = pki.file(&format!("imds-{instance_id}.port"));
         let _ = fs::remove_file(&port_file);
         let mut cmd = Command::new(bin("fake-imds"));
@@ -397,8 +434,27 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(pki: &Pki, controller_port: u16, identity: AgentIdentity<'_>, tag: &str) -> Agent {
+    pub fn start(
+        pki: &impl PkiFiles,
+        controller_port: u16,
+        identity: AgentIdentity<'_>,
+        tag: &str,
+    ) -> Agent {
+        Self::start_with_root(pki, controller_port, identity, tag, None)
+    }
+
+    /// An agent acting on `root` instead of `/`.
+    pub fn start_with_root(
+        pki: &impl PkiFiles,
+        controller_port: u16,
+        identity: AgentIdentity<'_>,
+        tag: &str,
+        root: Option<&Path>,
+    ) -> Agent {
         let config = pki.file(&format!("agent-{tag}.toml"));
+        let root_line = root
+            .map(|r| format!("root = {:?}\n", r))
+            .unwrap_or_default();
         let identity = match identity {
             AgentIdentity::Imds(imds) => format!(
                 "[identity]\nsource = \"imds\"\nimds_endpoint = \"{}\"\n",
@@ -411,7 +467,7 @@ impl Agent {
         fs::write(
             &config,
             format!(
-                "controller = \"127.0.0.1:{controller_port}\"\n\
+                "controller = \"127.0.0.1:{controller_port}\"\n{root_line}\
                  [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
                  {identity}\
                  [session]\nreconnect_initial_ms = 200\nreconnect_max_ms = 2000\n",
@@ -485,6 +541,11 @@ impl Moto {
 
     /// An SDK client for this moto, with test credentials.
     pub fn client(&self) -> aws_sdk_ec2::Client {
+        self.client_in("us-east-1")
+    }
+
+    /// The same in another region.
+    pub fn client_in(&self, region: &str) -> aws_sdk_ec2::Client {
         use aws_smithy_http_client::{Builder, tls};
         let http = Builder::new()
             .tls_provider(tls::Provider::Rustls(
@@ -493,7 +554,7 @@ impl Moto {
             .build_https();
         let config = aws_sdk_ec2::Config::builder()
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
             .endpoint_url(self.endpoint())
             .credentials_provider(aws_sdk_ec2::config::Credentials::new(
                 "testing", "testing", None, None, "moto",
@@ -527,4 +588,19 @@ impl Moto {
             .expect("instance id")
             .to_owned()
     }
+}
+
+/// A syntactically valid OpenSSH public key line with random key material.
+pub fn fake_host_key(kind: &str) -> String {
+    use base64::Engine;
+    let name = format!("ssh-{kind}");
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    blob.extend_from_slice(name.as_bytes());
+    blob.extend_from_slice(&32u32.to_be_bytes());
+    blob.extend_from_slice(&rand::random::<[u8; 32]>());
+    format!(
+        "{name} {} root@simulated\n",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
 }

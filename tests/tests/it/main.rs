@@ -7,5 +7,6 @@ mod client;
 mod config;
 mod ec2;
 mod identity;
+mod promote;
 mod session;
 mod tls;

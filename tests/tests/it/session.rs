@@ -133,3 +133,80 @@ fn agent_reconnects_after_controller_restart_within_backoff_cap() {
     }
     assert!(agent.proc.log_text().contains("reconnecting in"));
 }
+
+#[test]
+fn agent_notifies_systemd_ready_once_connected() {
+    use std::os::unix::net::UnixDatagram;
+    let pki = Pki::new();
+    let socket_path = pki.file("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let imds = FakeImds::start(&pki, INSTANCE, "aws-identity");
+    // No controller yet: the agent must not claim readiness.
+    let port = amiprep_tests::free_port();
+    let config = pki.file("agent-notify.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "controller = \"127.0.0.1:{port}\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[identity]\nimds_endpoint = \"{}\"\n[session]\nreconnect_initial_ms = 100\nreconnect_max_ms = 500\n",
+            pki.file("ca.pem"),
+            pki.file("agent.pem"),
+            pki.file("agent.key"),
+            imds.endpoint()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(amiprep_tests::bin("amiprep-agent"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path);
+    let mut agent = amiprep_tests::Proc::spawn("agent", cmd, pki.file("agent-notify.log"));
+    notify
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    // Collect what the agent says for 3 s while it cannot reach a controller.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut early = Vec::new();
+    while std::time::Instant::now() < until {
+        if let Ok(n) = notify.recv(&mut buf) {
+            early.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        early.iter().any(|m| m.contains("reconnecting")),
+        "the agent reports its reconnects: {early:?}"
+    );
+    assert!(
+        early.iter().all(|m| !m.contains("READY=1")),
+        "READY before any session: {early:?}"
+    );
+    // Controller up: READY=1 arrives.
+    let _controller = Controller::start_on(&pki, ControllerOpts::default(), port);
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let ready = wait_for(Duration::from_secs(20), || {
+        let n = notify.recv(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .contains("READY=1")
+            .then_some(())
+    });
+    assert!(ready.is_some(), "no READY=1\n{}", agent.log_text());
+    // SIGTERM: STOPPING=1 and a clean exit.
+    agent.signal("TERM");
+    let stopping = wait_for(Duration::from_secs(10), || {
+        let n = notify.recv(&mut buf).ok()?;
+        String::from_utf8_lossy(&buf[..n])
+            .contains("STOPPING=1")
+            .then_some(())
+    });
+    assert!(stopping.is_some());
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+}

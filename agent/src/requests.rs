@@ -1,0 +1,198 @@
+//! What the agent does when the controller asks: prepare this host, or (on a
+//! canary) verify that the image it booted from was prepared properly.
+
+use std::path::Path;
+
+use amiprep_proto::v1::{Check, Report, VerifyExpectations, VerifyResult};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+
+/// The host identity that must never be baked into an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityFacts {
+    /// SHA-256 (hex) of the machine id, if the host has a real one.
+    pub machine_id_sha256: Option<String>,
+    /// `SHA256:...` fingerprints of the SSH host public keys.
+    pub host_key_fingerprints: Vec<String>,
+}
+
+/// Reads the machine id and SSH host key fingerprints beneath `root`.
+pub fn identity_facts(root: &Path) -> IdentityFacts {
+    let machine_id = std::fs::read_to_string(root.join("etc/machine-id"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| is_machine_id(s));
+    let mut fps = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(root.join("etc/ssh")) {
+        let mut names: Vec<_> = dir
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ssh_host_") && n.ends_with("_key.pub"))
+            .collect();
+        names.sort();
+        for n in names {
+            // symlink_metadata: a host key must be a plain file, never followed.
+            let p = root.join("etc/ssh").join(&n);
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_file())
+                && let Ok(text) = std::fs::read_to_string(&p)
+                && let Some(fp) = key_fingerprint(&text)
+            {
+                fps.push(fp);
+            }
+        }
+    }
+    IdentityFacts {
+        machine_id_sha256: machine_id.map(|m| hex::encode(Sha256::digest(m.as_bytes()))),
+        host_key_fingerprints: fps,
+    }
+}
+
+fn is_machine_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// OpenSSH's `SHA256:` fingerprint of a public key line.
+pub fn key_fingerprint(line: &str) -> Option<String> {
+    let blob = line.split_whitespace().nth(1)?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .ok()?;
+    Some(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(bytes))
+    ))
+}
+
+/// Checks a freshly booted copy of a prepared host against its source.
+pub fn verify(root: &Path, promotion_id: &str, exp: &VerifyExpectations) -> VerifyResult {
+    let facts = identity_facts(root);
+    let mut checks = Vec::new();
+    checks.push(match &facts.machine_id_sha256 {
+        None => Check {
+            name: "machine-id regenerated".into(),
+            ok: false,
+            detail: "this host has no machine id (still uninitialized?)".into(),
+        },
+        Some(_) if exp.source_machine_id_sha256.is_empty() => Check {
+            name: "machine-id regenerated".into(),
+            ok: false,
+            detail: "the source's machine id was not recorded".into(),
+        },
+        Some(h) if *h == exp.source_machine_id_sha256 => Check {
+            name: "machine-id regenerated".into(),
+            ok: false,
+            detail: "same machine id as the source instance".into(),
+        },
+        Some(_) => Check {
+            name: "machine-id regenerated".into(),
+            ok: true,
+            detail: "differs from the source's".into(),
+        },
+    });
+    let reused: Vec<&String> = facts
+        .host_key_fingerprints
+        .iter()
+        .filter(|f| exp.source_host_key_fingerprints.contains(f))
+        .collect();
+    checks.push(if !reused.is_empty() {
+        Check {
+            name: "ssh host keys regenerated".into(),
+            ok: false,
+            detail: format!("source host key(s) present: {reused:?}"),
+        }
+    } else if facts.host_key_fingerprints.is_empty() && !exp.source_host_key_fingerprints.is_empty()
+    {
+        Check {
+            name: "ssh host keys regenerated".into(),
+            ok: false,
+            detail: "the source had host keys; this host has none".into(),
+        }
+    } else {
+        Check {
+            name: "ssh host keys regenerated".into(),
+            ok: true,
+            detail: format!(
+                "{} key(s), none from the source",
+                facts.host_key_fingerprints.len()
+            ),
+        }
+    });
+    let ok = checks.iter().all(|c| c.ok);
+    VerifyResult {
+        promotion_id: promotion_id.to_owned(),
+        ok,
+        checks,
+        error: String::new(),
+    }
+}
+
+/// Runs `prepare` for the controller. The identity is captured first, so the
+/// report can prove later that a canary's identity differs.
+pub fn prepare(root: &Path, promotion_id: &str, _policy_toml: &str) -> Report {
+    let facts = identity_facts(root);
+    Report {
+        promotion_id: promotion_id.to_owned(),
+        ready: false,
+        steps: Vec::new(),
+        findings: Vec::new(),
+        report_json: String::new(),
+        source_machine_id_sha256: facts.machine_id_sha256.unwrap_or_default(),
+        source_host_key_fingerprints: facts.host_key_fingerprints,
+        error: "prepare is not available in this agent build".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHhS8lJ1vQ3c5O2pY3Yv6bJvY2c1bXlFZHRrZ2VuVGVz root@host\n";
+
+    #[test]
+    fn fingerprint_matches_openssh_format() {
+        let fp = key_fingerprint(KEY).unwrap();
+        assert!(fp.starts_with("SHA256:") && fp.len() == 7 + 43, "{fp}");
+        assert!(key_fingerprint("garbage").is_none());
+    }
+
+    #[test]
+    fn verify_tells_a_regenerated_identity_from_a_copied_one() {
+        let source = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(source.path().join("etc/ssh")).unwrap();
+        std::fs::write(
+            source.path().join("etc/machine-id"),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        std::fs::write(source.path().join("etc/ssh/ssh_host_ed25519_key.pub"), KEY).unwrap();
+        let facts = identity_facts(source.path());
+        let exp = VerifyExpectations {
+            source_machine_id_sha256: facts.machine_id_sha256.clone().unwrap(),
+            source_host_key_fingerprints: facts.host_key_fingerprints.clone(),
+            policy_toml: String::new(),
+        };
+        // A clone that kept the source's identity fails both checks.
+        let r = verify(source.path(), "p", &exp);
+        assert!(!r.ok);
+        assert!(r.checks.iter().all(|c| !c.ok), "{r:?}");
+        // A clone with a new machine id and no host keys fails on the keys.
+        let clone = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(clone.path().join("etc/ssh")).unwrap();
+        std::fs::write(
+            clone.path().join("etc/machine-id"),
+            "fedcba9876543210fedcba9876543210\n",
+        )
+        .unwrap();
+        let r = verify(clone.path(), "p", &exp);
+        assert!(!r.ok);
+        assert!(r.checks[0].ok && !r.checks[1].ok, "{r:?}");
+        // ... and passes once it has keys of its own.
+        let other = KEY.replace("AAAAIHhS8", "AAAAIHhS9");
+        std::fs::write(clone.path().join("etc/ssh/ssh_host_ed25519_key.pub"), other).unwrap();
+        let r = verify(clone.path(), "p", &exp);
+        assert!(r.ok, "{r:?}");
+        // An uninitialized machine id is not a regenerated one.
+        std::fs::write(clone.path().join("etc/machine-id"), "uninitialized\n").unwrap();
+        assert!(!verify(clone.path(), "p", &exp).ok);
+    }
+}

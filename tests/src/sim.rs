@@ -1,0 +1,251 @@
+//! The instance simulator: for every instance moto reports running, a real
+//! `amiprep-agent` with a fake-IMDS identity over that instance's own root
+//! directory. A source instance gets a copy of a template root; a canary (an
+//! instance tagged `amiprep:role=canary`) gets a copy of its source's root
+//! as it was left by prepare, then "boots": a fresh machine id and host keys,
+//! as systemd and the first-boot key generation would make them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{Agent, AgentIdentity, FakeImds, Pki};
+
+struct Running {
+    _imds: FakeImds,
+    agent: Agent,
+}
+
+#[derive(Default)]
+struct State {
+    running: HashMap<String, Running>,
+    roots: HashMap<String, PathBuf>,
+    log: Vec<String>,
+}
+
+pub struct Simulator {
+    stop: Arc<AtomicBool>,
+    state: Arc<Mutex<State>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the simulator needs to start agents.
+#[derive(Clone)]
+pub struct SimConfig {
+    /// EC2 endpoint to poll (moto, not through the fault proxy).
+    pub ec2: aws_sdk_ec2::Client,
+    /// PKI directory (agent certificate, identity-signing key).
+    pub pki: PathBuf,
+    pub controller_port: u16,
+    /// Copied for each new source instance.
+    pub template_root: PathBuf,
+    /// Where instance roots live.
+    pub work: PathBuf,
+}
+
+impl Simulator {
+    pub fn start(cfg: SimConfig) -> Simulator {
+        let stop = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Mutex::new(State::default()));
+        let (s, st) = (stop.clone(), state.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("simulator runtime");
+            while !s.load(Ordering::SeqCst) {
+                if let Err(e) = rt.block_on(tick(&cfg, &st)) {
+                    st.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .log
+                        .push(format!("tick: {e:#}"));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Simulator {
+            stop,
+            state,
+            thread: Some(thread),
+        }
+    }
+
+    /// The root directory of an instance the simulator has started.
+    pub fn root_of(&self, instance: &str) -> Option<PathBuf> {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .roots
+            .get(instance)
+            .cloned()
+    }
+
+    /// Instances with a live agent process.
+    pub fn running(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn log(&self) -> String {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = st.log.join("\n");
+        for (id, r) in &st.running {
+            s.push_str(&format!("\n--- agent {id}\n{}", r.agent.proc.log_text()));
+        }
+        s
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
+    let out = cfg.ec2.describe_instances().send().await?;
+    let mut seen = Vec::new();
+    for r in out.reservations() {
+        for i in r.instances() {
+            let id = i.instance_id().unwrap_or_default().to_owned();
+            let st = i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_default();
+            let tag = |k: &str| {
+                i.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(k))
+                    .and_then(|t| t.value())
+                    .map(str::to_owned)
+            };
+            seen.push(id.clone());
+            let is_running = state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .running
+                .contains_key(&id);
+            if st == "running" && !is_running {
+                let root = instance_root(
+                    cfg,
+                    state,
+                    &id,
+                    tag("amiprep:role").as_deref() == Some("canary"),
+                    tag("amiprep:source-instance"),
+                )?;
+                let pki = Pki::at(&cfg.pki);
+                let imds = FakeImds::start(&pki, &id, "aws-identity");
+                let agent = Agent::start_with_root(
+                    &pki,
+                    cfg.controller_port,
+                    AgentIdentity::Imds(&imds),
+                    &id,
+                    Some(&root),
+                );
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.log
+                    .push(format!("started agent for {id} over {}", root.display()));
+                s.running.insert(id, Running { _imds: imds, agent });
+            } else if st != "running" && is_running {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.running.remove(&id);
+                s.log.push(format!("stopped agent for {id} ({st})"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    anyhow::ensure!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+    Ok(())
+}
+
+fn instance_root(
+    cfg: &SimConfig,
+    state: &Mutex<State>,
+    id: &str,
+    canary: bool,
+    source: Option<String>,
+) -> anyhow::Result<PathBuf> {
+    if let Some(r) = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .roots
+        .get(id)
+    {
+        return Ok(r.clone()); // restarted instance: same disk
+    }
+    let root = cfg.work.join(id);
+    if canary {
+        let src = source
+            .and_then(|s| {
+                state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .roots
+                    .get(&s)
+                    .cloned()
+            })
+            .ok_or_else(|| anyhow::anyhow!("canary {id}: source root unknown"))?;
+        copy_tree(&src, &root)?;
+        first_boot(&root)?;
+    } else {
+        copy_tree(&cfg.template_root, &root)?;
+    }
+    state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .roots
+        .insert(id.to_owned(), root.clone());
+    Ok(root)
+}
+
+/// What a first boot does to identity: systemd writes a machine id when
+/// /etc/machine-id is `uninitialized` (or empty), and the first-boot key
+/// generation creates host keys that are missing.
+fn first_boot(root: &Path) -> anyhow::Result<()> {
+    let mid = root.join("etc/machine-id");
+    let current = std::fs::read_to_string(&mid).unwrap_or_default();
+    if current.trim().is_empty() || current.trim() == "uninitialized" {
+        std::fs::write(&mid, format!("{:032x}\n", rand::random::<u128>()))?;
+    }
+    let ssh = root.join("etc/ssh");
+    if ssh.is_dir() {
+        for kind in ["ed25519", "ecdsa", "rsa"] {
+            let pubkey = ssh.join(format!("ssh_host_{kind}_key.pub"));
+            if !pubkey.exists() {
+                std::fs::write(&pubkey, crate::fake_host_key(kind))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,560 @@
+//! Promotions end to end: the real controller against moto (through the
+//! fault proxy), with the instance simulator running a real agent for every
+//! instance moto reports running.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use amiprep_tests::{
+    Controller, ControllerOpts, Moto, Pki, bin,
+    fault::{FaultProxy, Faults},
+    run,
+    sim::{SimConfig, Simulator},
+    wait_for,
+};
+use serde_json::Value;
+
+use crate::client::runtime;
+
+/// A policy that leaves the package manager alone: the simulated roots have
+/// no package database and tests never reach a mirror.
+pub const TEST_POLICY: &str = "[steps]\nskip = [\"packages\"]\n";
+
+pub struct World {
+    pub moto: Moto,
+    pub proxy: FaultProxy,
+    pub pki: Pki,
+    pub controller: Controller,
+    pub sim: Simulator,
+    pub source: String,
+    /// Instance roots live here; removed with the world.
+    _work: tempfile::TempDir,
+}
+
+/// A small host root: identity, logs, temp files, a history.
+pub fn template_root(dir: &Path) -> PathBuf {
+    let root = dir.join("template");
+    for d in [
+        "etc/ssh",
+        "var/log",
+        "tmp",
+        "var/tmp",
+        "root",
+        "home/alice",
+        "var/lib/dbus",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/hostname"), "source-host\n").unwrap();
+    std::fs::write(
+        root.join("etc/machine-id"),
+        format!("{:032x}\n", rand::random::<u128>()),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/ssh/ssh_host_ed25519_key.pub"),
+        amiprep_tests::fake_host_key("ed25519"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/ssh/ssh_host_ed25519_key"),
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a real key\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("var/log/syslog"), "Nov 28 host kernel: boot\n").unwrap();
+    std::fs::write(root.join("var/log/syslog.1"), "old\n").unwrap();
+    std::fs::write(root.join("tmp/build.tmp"), "scratch\n").unwrap();
+    std::fs::write(root.join("root/.bash_history"), "ls\nuptime\n").unwrap();
+    std::fs::write(root.join("home/alice/.bash_history"), "vim notes\n").unwrap();
+    root
+}
+
+impl World {
+    pub fn new(extra_pipeline: &str) -> World {
+        let moto = Moto::start();
+        let proxy = FaultProxy::start(&format!("127.0.0.1:{}", moto.port));
+        let pki = Pki::new();
+        let work = tempfile::tempdir().unwrap();
+        let controller = Controller::start(
+            &pki,
+            ControllerOpts {
+                ec2_endpoint: Some(proxy.endpoint()),
+                extra: format!(
+                    "[pipeline]\nstate_db = {:?}\nmanifest_dir = {:?}\npoll_initial_ms = 100\npoll_max_ms = 400\nagent_wait_secs = 30\nprepare_timeout_secs = 60\nstop_timeout_secs = 30\nimage_timeout_secs = 30\ncanary_timeout_secs = 60\n{extra_pipeline}",
+                    pki.file("state.db"),
+                    pki.file("manifests")
+                ),
+                ..Default::default()
+            },
+        );
+        let sim = Simulator::start(SimConfig {
+            ec2: moto.client(),
+            pki: pki.path().to_owned(),
+            controller_port: controller.port,
+            template_root: template_root(work.path()),
+            work: work.path().join("instances"),
+        });
+        let source = runtime().block_on(moto.run_instance());
+        assert!(
+            controller.wait_agent(&source, true, Duration::from_secs(30)),
+            "source agent never connected\n{}",
+            sim.log()
+        );
+        World {
+            moto,
+            proxy,
+            pki,
+            controller,
+            sim,
+            source,
+            _work: work,
+        }
+    }
+
+    pub fn amiprep(&self, args: &[&str]) -> std::process::Output {
+        run(Command::new(bin("amiprep"))
+            .args(args)
+            .arg("--socket")
+            .arg(&self.controller.socket))
+    }
+
+    pub fn policy_file(&self) -> PathBuf {
+        let p = self.pki.file("policy.toml");
+        std::fs::write(&p, TEST_POLICY).unwrap();
+        p
+    }
+
+    pub fn status(&self, id: &str) -> Value {
+        let out = self.amiprep(&["status", id, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn wait_state(&self, id: &str, states: &[&str], timeout: Duration) -> Value {
+        wait_for(timeout, || {
+            let s = self.status(id);
+            states.contains(&s["state"].as_str()?).then_some(s)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{id} never reached {states:?}: {}\ncontroller:\n{}\nsim:\n{}",
+                self.status(id),
+                self.controller.proc.log_text(),
+                self.sim.log()
+            )
+        })
+    }
+
+    /// Images owned by this account carrying the promotion's tag, per region.
+    pub fn images_of(&self, id: &str, region: &str) -> Vec<String> {
+        let client = self.moto.client_in(region);
+        runtime().block_on(async {
+            client
+                .describe_images()
+                .owners("self")
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("tag:amiprep:promotion")
+                        .values(id)
+                        .build(),
+                )
+                .send()
+                .await
+                .unwrap()
+                .images()
+                .iter()
+                .filter_map(|i| i.image_id().map(str::to_owned))
+                .collect()
+        })
+    }
+
+    /// Instances (not terminated) other than the source.
+    pub fn live_others(&self) -> Vec<String> {
+        let client = self.moto.client();
+        runtime().block_on(async {
+            client
+                .describe_instances()
+                .send()
+                .await
+                .unwrap()
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| {
+                    i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated")
+                })
+                .filter_map(|i| i.instance_id().map(str::to_owned))
+                .filter(|i| *i != self.source)
+                .collect()
+        })
+    }
+
+    pub fn source_state(&self) -> String {
+        let client = self.moto.client();
+        runtime().block_on(async {
+            client
+                .describe_instances()
+                .instance_ids(&self.source)
+                .send()
+                .await
+                .unwrap()
+                .reservations()[0]
+                .instances()[0]
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_default()
+        })
+    }
+
+    pub fn source_root(&self) -> PathBuf {
+        self.sim.root_of(&self.source).expect("source root")
+    }
+
+    /// Starts the source again (after a promotion stopped it) and waits for its agent.
+    pub fn restart_source(&self) {
+        runtime()
+            .block_on(
+                self.moto
+                    .client()
+                    .start_instances()
+                    .instance_ids(&self.source)
+                    .send(),
+            )
+            .unwrap();
+        assert!(
+            self.controller
+                .wait_agent(&self.source, true, Duration::from_secs(30))
+        );
+    }
+
+    pub fn snapshots_left(&self) -> usize {
+        let client = self.moto.client();
+        runtime().block_on(async {
+            client
+                .describe_snapshots()
+                .owner_ids("self")
+                .send()
+                .await
+                .unwrap()
+                .snapshots()
+                .len()
+        })
+    }
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn happy_path_with_canary_and_copy_to_second_region() {
+    let w = World::new("");
+    let policy = w.policy_file();
+    let out = w.amiprep(&[
+        "promote",
+        &w.source,
+        "--name",
+        "web-{date}-{promotion}",
+        "--tag",
+        "team=platform",
+        "--copy-to",
+        "us-west-2",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--wait",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "promote failed: {text}\n{}\ncontroller:\n{}\nsim:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.controller.proc.log_text(),
+        w.sim.log()
+    );
+    let id = text.lines().next().unwrap().trim().to_owned();
+    let status = w.status(&id);
+    assert_eq!(status["state"], "promoted");
+    let manifest_path = status["manifest_path"].as_str().unwrap();
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["promotion"], id.as_str());
+    assert_eq!(manifest["source_instance"], w.source.as_str());
+    let east = manifest["amis"]["us-east-1"].as_str().unwrap();
+    let west = manifest["amis"]["us-west-2"].as_str().unwrap();
+    assert_eq!(w.images_of(&id, "us-east-1"), vec![east.to_owned()]);
+    assert_eq!(w.images_of(&id, "us-west-2"), vec![west.to_owned()]);
+    assert_eq!(manifest["report_sha256"].as_str().unwrap().len(), 64);
+    assert!(text.contains(&format!("promoted {east}")), "{text}");
+    // Tagged verified with the report digest.
+    let client = w.moto.client();
+    let tags: Vec<(String, String)> = runtime().block_on(async {
+        client
+            .describe_images()
+            .image_ids(east)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+            .collect()
+    });
+    for (k, v) in [
+        ("amiprep:status", "verified"),
+        ("amiprep:promotion", id.as_str()),
+        ("amiprep:source-instance", w.source.as_str()),
+        ("team", "platform"),
+    ] {
+        assert!(
+            tags.contains(&(k.to_owned(), v.to_owned())),
+            "{k}={v} missing in {tags:?}"
+        );
+    }
+    // The canary ran (its agent verified) and is gone; the source is stopped.
+    let resources = status["resources"].as_array().unwrap();
+    assert!(
+        resources
+            .iter()
+            .any(|r| r.as_str().unwrap().starts_with("canary ")
+                && r.as_str().unwrap().ends_with("(removed)")),
+        "{resources:?}"
+    );
+    assert!(w.live_others().is_empty(), "{:?}", w.live_others());
+    assert_eq!(w.source_state(), "stopped");
+}
+
+/// Runs `amiprep promote SOURCE ...` with the test policy.
+fn promote(w: &World, extra: &[&str]) -> (std::process::Output, String) {
+    let policy = w.policy_file();
+    let mut args = vec![
+        "promote",
+        w.source.as_str(),
+        "--name",
+        "img-{promotion}",
+        "--policy",
+        policy.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = w.amiprep(&args);
+    let id = stdout(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (out, id)
+}
+
+#[test]
+fn failed_image_is_cleaned_up() {
+    let w = World::new("");
+    let snapshots_before = w.snapshots_left();
+    w.proxy.set(Faults {
+        image_failed: true,
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &["--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = w.status(&id);
+    assert_eq!(s["state"], "failed");
+    assert!(
+        s["failure_reason"]
+            .as_str()
+            .unwrap()
+            .contains("is failed: injected failure"),
+        "{s}"
+    );
+    w.proxy.set(Faults::default());
+    assert!(
+        w.images_of(&id, "us-east-1").is_empty(),
+        "image left behind"
+    );
+    assert_eq!(w.snapshots_left(), snapshots_before, "snapshot left behind");
+    assert!(w.live_others().is_empty());
+    let removed = s["resources"].as_array().unwrap();
+    assert!(
+        removed
+            .iter()
+            .all(|r| r.as_str().unwrap().ends_with("(removed)")),
+        "{removed:?}"
+    );
+}
+
+#[test]
+fn credentials_on_the_host_fail_the_promotion_before_anything_is_created() {
+    let w = World::new("");
+    let secret = format!("{}{}", "wJalrXUtnFEMI/K7MDENG/", "bPxRfiCYzQ8mQ3cRtPlM");
+    let aws = w.source_root().join("root/.aws");
+    std::fs::create_dir_all(&aws).unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[default]\naws_access_key_id = AKIA{}\naws_secret_access_key = {secret}\n",
+            "Q4RZT7KWJX2PLM3N"
+        ),
+    )
+    .unwrap();
+    let (out, id) = promote(&w, &["--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = w.status(&id);
+    let reason = s["failure_reason"].as_str().unwrap();
+    assert_eq!(s["state"], "failed");
+    assert!(reason.contains("credential finding"), "{reason}");
+    assert!(reason.contains("root/.aws/credentials"), "{reason}");
+    let everything = format!(
+        "{s}{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !everything.contains(&secret),
+        "the secret leaked: {everything}"
+    );
+    assert!(w.images_of(&id, "us-east-1").is_empty());
+    assert_eq!(
+        w.source_state(),
+        "running",
+        "nothing happened to the source"
+    );
+    assert!(s["resources"].as_array().unwrap().is_empty(), "{s}");
+}
+
+#[test]
+fn cancel_mid_way_cleans_up() {
+    let w = World::new("");
+    let snapshots_before = w.snapshots_left();
+    w.proxy.set(Faults {
+        image_pending_for: Some(Duration::from_secs(120)),
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &[]);
+    assert!(out.status.success());
+    w.wait_state(&id, &["awaiting-image"], Duration::from_secs(30));
+    let out = w.amiprep(&["cancel", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = w.wait_state(
+        &id,
+        &["cancelled", "failed", "promoted"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(s["state"], "cancelled", "{s}");
+    w.proxy.set(Faults::default());
+    assert!(w.images_of(&id, "us-east-1").is_empty());
+    assert_eq!(w.snapshots_left(), snapshots_before);
+    // Cancelling again is refused: it already ended.
+    let again = w.amiprep(&["cancel", &id]);
+    assert_eq!(again.status.code(), Some(2));
+}
+
+#[test]
+fn throttling_storm_completes() {
+    let w = World::new("");
+    w.proxy.set(Faults {
+        throttle_every: Some(2),
+        error_every: Some(7),
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &["--wait"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.controller.proc.log_text()
+    );
+    let stats = w.proxy.stats();
+    assert!(stats.throttled >= 5, "{stats:?}");
+    assert!(stats.errors >= 1, "{stats:?}");
+    w.proxy.set(Faults::default());
+    assert_eq!(w.images_of(&id, "us-east-1").len(), 1);
+}
+
+#[test]
+fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
+    let w = World::new("");
+    // Each state is held open by delaying the response of the call it makes,
+    // after EC2 has acted on it: the crash window that creates orphans.
+    let cases = [
+        ("stopping", "StopInstances"),
+        ("creating-image", "CreateImage"),
+        ("awaiting-image", "DescribeImages"),
+        ("verifying-image", "DescribeSnapshots"),
+        ("launching-canary", "RunInstances"),
+        ("verifying-canary", "DescribeInstanceStatus"),
+        ("distributing", "CopyImage"),
+        ("promoting", "CreateTags"),
+    ];
+    let mut controller_restarts = 0;
+    let mut w = w;
+    for (state, action) in cases {
+        if w.source_state() != "running" {
+            w.restart_source();
+        }
+        w.proxy.set(Faults {
+            hold_response: Some((action.to_owned(), Duration::from_secs(3))),
+            ..Default::default()
+        });
+        let (out, id) = promote(&w, &["--copy-to", "us-west-2"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        w.wait_state(&id, &[state], Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(500));
+        let pki = std::mem::replace(&mut w.pki, Pki::new());
+        w.controller.restart(&pki);
+        w.pki = pki;
+        controller_restarts += 1;
+        w.proxy.set(Faults::default());
+        let s = w.wait_state(
+            &id,
+            &["promoted", "failed", "cancelled"],
+            Duration::from_secs(90),
+        );
+        assert_eq!(
+            s["state"],
+            "promoted",
+            "killed in {state}: {s}\n{}",
+            w.controller.proc.log_text()
+        );
+        assert_eq!(
+            w.images_of(&id, "us-east-1").len(),
+            1,
+            "killed in {state}: duplicate or missing image"
+        );
+        assert_eq!(
+            w.images_of(&id, "us-west-2").len(),
+            1,
+            "killed in {state}: duplicate or missing copy"
+        );
+        assert!(
+            w.live_others().is_empty(),
+            "killed in {state}: orphaned canary {:?}",
+            w.live_others()
+        );
+    }
+    assert_eq!(controller_restarts, cases.len());
+}
