@@ -140,7 +140,7 @@ impl Default for UserTracesPolicy {
             remove_authorized_keys: true,
             home_caches: vec![h(".cache/pip"), h(".npm/_cacache")],
             package_caches: vec![
-                h("/var/cache/apt/archives"),
+                h("/var/cache/apt"),
                 h("/var/cache/dnf"),
                 h("/var/cache/yum"),
             ],
