@@ -25,8 +25,9 @@ pub enum Manager {
     Yum,
 }
 
-/// Where apt reads the security-only source list (inside the target).
-pub const APT_SECURITY_LIST: &str = "tmp/.amiprep-security.list";
+/// Where apt reads the security-only source list (inside the target; not in
+/// `sources.list.d`, so apt ignores it otherwise). Removed after the upgrade.
+pub const APT_SECURITY_LIST: &str = "etc/apt/amiprep-security.list";
 
 pub fn detect(cx: &Ctx<'_>) -> Option<Manager> {
     if exists(cx, "usr/bin/apt-get") {

@@ -1,19 +1,43 @@
 //! user traces: shell and REPL histories of root and every user,
 //! `authorized_keys`, per-user caches and package-manager caches.
 
-use std::{ffi::OsStr, path::PathBuf};
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+};
 
 use super::{Action, Ctx, Op, Plan, Step, list_dir, plan_contents, plan_remove_file, show};
 use crate::safefs::{self, Control, Event, Kind, WalkOptions};
 
 pub struct UserTraces;
 
-/// Home directories: `/root` and every directory in `/home` (a symlinked or
-/// mounted home is not a directory on the root's mount and is left alone).
+/// Home directories: `/root`, every directory in `/home`, and the home of
+/// every account in the target's `/etc/passwd` (service accounts keep
+/// histories too, e.g. postgres' `.psql_history`). A symlinked or mounted
+/// home is not a directory on the root's mount and is left alone.
 pub fn homes(cx: &Ctx<'_>) -> Vec<PathBuf> {
     let mut out = vec![PathBuf::from("root")];
-    for (rel, m) in list_dir(cx, std::path::Path::new("home")) {
+    for (rel, m) in list_dir(cx, Path::new("home")) {
         if m.kind == Kind::Dir && m.mnt_id == cx.root.mnt_id() {
+            out.push(rel);
+        }
+    }
+    let passwd =
+        safefs::read_beneath(cx.root, Path::new("etc/passwd"), 4 << 20).unwrap_or_default();
+    for line in String::from_utf8_lossy(&passwd).lines() {
+        let Some(home) = line.split(':').nth(5) else {
+            continue;
+        };
+        let Ok(rel) = safefs::clean_rel(Path::new(home)) else {
+            continue;
+        };
+        if rel.as_os_str().is_empty() || out.contains(&rel) {
+            continue;
+        }
+        if let Ok(Some(m)) = safefs::stat_beneath(cx.root, &rel)
+            && m.kind == Kind::Dir
+            && m.mnt_id == cx.root.mnt_id()
+        {
             out.push(rel);
         }
     }

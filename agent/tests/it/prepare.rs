@@ -39,6 +39,7 @@ const CLEANED: &[&str] = &[
     "home/alice/.local/share/fish/fish_history",
     "home/alice/.ssh/authorized_keys",
     "home/alice/.cache/pip/",
+    "var/lib/postgresql/.psql_history",
 ];
 
 fn in_cleaned_set(rel: &Path) -> bool {
@@ -157,6 +158,12 @@ fn dirty() -> Dirty {
     );
     f.write("home/alice/.cache/pip/http/abc", b"wheel");
     f.write("var/cache/apt/pkgcache.bin", b"cache");
+    // A service account outside /home keeps histories too.
+    let mut passwd = fs::read_to_string(f.path("etc/passwd")).unwrap();
+    passwd.push_str("postgres:x:120:120::/var/lib/postgresql:/bin/bash\n");
+    fs::write(f.path("etc/passwd"), passwd).unwrap();
+    f.write("var/lib/postgresql/.psql_history", b"\\password\n");
+    f.write("var/lib/postgresql/data/PG_VERSION", b"15\n");
 
     // identity
     f.write("etc/machine-id", b"4f2c0b1e9a8d4c7b8e6f5a4d3c2b1a09\n");
@@ -379,6 +386,7 @@ fn prepare_cleans_and_every_trap_survives() {
         "home/alice/.ssh/authorized_keys",
         "home/alice/.cache/pip/http",
         "var/cache/apt/pkgcache.bin",
+        "var/lib/postgresql/.psql_history",
     ] {
         assert!(
             fs::symlink_metadata(f.path(gone)).is_err(),
@@ -386,6 +394,7 @@ fn prepare_cleans_and_every_trap_survives() {
         );
     }
     assert!(f.path("home/alice/.ssh/id_ed25519.pub").exists());
+    assert!(f.path("var/lib/postgresql/data/PG_VERSION").exists());
     assert!(f.path("home/alice/.cache/pip").is_dir());
     assert!(
         fs::symlink_metadata(f.path("root/.lesshst"))
@@ -505,4 +514,45 @@ fn checksums_see_a_change_in_the_cleaned_set_only_where_expected() {
         b.get(Path::new("etc/hostname"))
     );
     assert!(!in_cleaned_set(Path::new("etc/hostname")));
+}
+
+/// Clears the immutable flag so the fixture can be removed.
+struct Mutable(PathBuf);
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn permission_error_is_reported_and_the_rest_is_still_cleaned() {
+    let f = Fixture::new();
+    f.write("tmp/a-before", b"a");
+    let locked = f.write("tmp/dir/locked", b"immutable");
+    f.write("tmp/dir/other", b"o");
+    f.write("tmp/z-after", b"z");
+    let st = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&locked)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _g = Mutable(locked.clone());
+    let (code, r) = f.agent_json(&["--only", "temp"]);
+    assert_eq!(code, 1, "{r:#}");
+    let t = step(&r, "temp");
+    assert_eq!(t["status"], "failed");
+    let errors = t["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{t:#}");
+    assert!(
+        errors[0].as_str().unwrap().contains("/tmp/dir/locked"),
+        "{t:#}"
+    );
+    assert!(locked.exists());
+    for gone in ["tmp/a-before", "tmp/dir/other", "tmp/z-after"] {
+        assert!(!f.path(gone).exists(), "{gone}");
+    }
 }
