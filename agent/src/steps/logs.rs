@@ -5,7 +5,7 @@
 
 use std::{os::unix::ffi::OsStrExt, path::Path};
 
-use super::{Action, Cmd, Ctx, Op, Plan, Step, plan_contents, show};
+use super::{Action, Cmd, Ctx, Op, Plan, Step, is_exdev, other_mount, plan_contents, show};
 use crate::safefs::{self, Control, Event, Kind, WalkOptions};
 
 pub struct Logs;
@@ -69,6 +69,7 @@ impl Step for Logs {
                     }
                     Event::Entry(e) if e.meta.kind == Kind::Dir && e.rel == dir => {}
                     Event::Entry(_) => {}
+                    Event::MountPoint { rel } if rel == dir => other_mount(cx, rel, &mut plan),
                     Event::MountPoint { rel } => plan
                         .warnings
                         .push(format!("{} is a mount point; left alone", show(rel))),
@@ -81,6 +82,10 @@ impl Step for Logs {
             match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if is_exdev(&e) => {
+                    other_mount(cx, &dir, &mut plan);
+                    continue;
+                }
                 Err(e) => {
                     plan.errors.push(format!("{}: {e}", show(&dir)));
                     continue;

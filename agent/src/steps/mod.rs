@@ -549,12 +549,9 @@ pub fn plan_contents(cx: &Ctx<'_>, dir: &Path, keep: &[&str], plan: &mut Plan) {
                 m.kind
             ));
         }
-        Ok(Some(m)) if m.mnt_id != cx.root.mnt_id() => {
-            return plan
-                .warnings
-                .push(format!("{} is a mount point; left alone", show(&dir)));
-        }
+        Ok(Some(m)) if m.mnt_id != cx.root.mnt_id() => return other_mount(cx, &dir, plan),
         Ok(Some(_)) => {}
+        Err(e) if is_exdev(&e) => return other_mount(cx, &dir, plan),
         Err(e) => return plan.errors.push(format!("{}: {e}", show(&dir))),
     }
     let mut children = Vec::new();
@@ -583,6 +580,33 @@ pub fn plan_contents(cx: &Ctx<'_>, dir: &Path, keep: &[&str], plan: &mut Plan) {
     for c in children {
         plan_remove(cx, &c, plan);
     }
+}
+
+/// A directory the policy names is (or is beneath) another mount, which the
+/// agent never crosses. On tmpfs/ramfs that is harmless — nothing there ends
+/// up in an image — and only a warning; on any other file system it would
+/// leave a persistent volume uncleaned, so it fails the step.
+pub fn other_mount(cx: &Ctx<'_>, rel: &Path, plan: &mut Plan) {
+    match safefs::is_memory_fs_beneath(cx.root, rel) {
+        Ok(true) => plan.warnings.push(format!(
+            "{} is on a separate in-memory mount (not part of an image); left alone",
+            show(rel)
+        )),
+        Ok(false) => plan.errors.push(format!(
+            "{} is on a separate mount, which is never crossed; \
+             prepare that volume with its own --root, or drop it from the policy",
+            show(rel)
+        )),
+        Err(e) => plan.errors.push(format!(
+            "{} is on a separate mount, which is never crossed ({e})",
+            show(rel)
+        )),
+    }
+}
+
+/// The path crosses a mount point (openat2 `RESOLVE_NO_XDEV`).
+pub fn is_exdev(e: &io::Error) -> bool {
+    safefs::os_error(e) == Some(libc::EXDEV)
 }
 
 /// Plans removing `rel` (a file, link or whole tree) with its size.

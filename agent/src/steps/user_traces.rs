@@ -6,7 +6,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Action, Ctx, Op, Plan, Step, list_dir, plan_contents, plan_remove_file, show};
+use super::{
+    Action, Ctx, Op, Plan, Step, is_exdev, list_dir, other_mount, plan_contents, plan_remove_file,
+    show,
+};
 use crate::safefs::{self, Control, Event, Kind, WalkOptions};
 
 pub struct UserTraces;
@@ -81,13 +84,19 @@ impl Step for UserTraces {
 
 /// Every regular file in a package cache except its `lock`; the directory
 /// structure stays (apt expects `archives/partial`).
-fn plan_cache_files(cx: &Ctx<'_>, dir: &std::path::Path, plan: &mut Plan) {
+fn plan_cache_files(cx: &Ctx<'_>, dir: &Path, plan: &mut Plan) {
+    let dir = match safefs::clean_rel(dir) {
+        Ok(d) => d,
+        Err(e) => return plan.errors.push(e.to_string()),
+    };
+    let dir = dir.as_path();
     let r = safefs::walk(cx.root, dir, &WalkOptions::default(), |ev| {
         match ev {
             Event::Entry(e) if e.meta.kind == Kind::File && e.name != OsStr::new("lock") => plan
                 .actions
                 .push(Action::new(Op::Remove(e.rel.to_path_buf()), e.meta.size)),
             Event::Entry(_) => {}
+            Event::MountPoint { rel } if rel == dir => other_mount(cx, rel, &mut *plan),
             Event::MountPoint { rel } => plan
                 .warnings
                 .push(format!("{} is a mount point; left alone", show(rel))),
@@ -97,6 +106,7 @@ fn plan_cache_files(cx: &Ctx<'_>, dir: &std::path::Path, plan: &mut Plan) {
     });
     match r {
         Ok(_) => {}
+        Err(e) if is_exdev(&e) => other_mount(cx, dir, plan),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound || super::is_not_dir_or_link(&e) => {}
         Err(e) => plan.errors.push(format!("{}: {e}", show(dir))),
     }

@@ -556,3 +556,48 @@ fn permission_error_is_reported_and_the_rest_is_still_cleaned() {
         assert!(!f.path(gone).exists(), "{gone}");
     }
 }
+
+#[test]
+fn policy_dir_on_a_separate_mount_is_not_crossed() {
+    let mut f = Fixture::new();
+    // An in-memory /var/tmp: never part of an image, a warning only.
+    nix::mount::mount(
+        Some("tmpfs"),
+        &f.path("var/tmp"),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    f.mounts.push(crate::util::Unmount(f.path("var/tmp")));
+    fs::write(f.path("var/tmp/in-memory"), b"x").unwrap();
+    let (code, r) = f.agent_json(&["--only", "temp"]);
+    assert_eq!(code, 0, "{r:#}");
+    let t = step(&r, "temp");
+    assert!(
+        t["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("/var/tmp is on a separate in-memory mount"),
+        "{t:#}"
+    );
+    assert!(f.path("var/tmp/in-memory").exists());
+
+    // A persistent volume at /var/crash: left alone, and the step fails.
+    fs::create_dir_all(f.path("var/crash")).unwrap();
+    fs::create_dir(f.outside.join("crash")).unwrap();
+    fs::write(f.outside.join("crash/core.1"), b"core").unwrap();
+    let g = bind(&f.outside.join("crash"), &f.path("var/crash"));
+    f.mounts.push(g);
+    let (code, r) = f.agent_json(&["--only", "temp"]);
+    assert_eq!(code, 1, "{r:#}");
+    let t = step(&r, "temp");
+    assert!(
+        t["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("/var/crash is on a separate mount"),
+        "{t:#}"
+    );
+    assert_eq!(fs::read(f.outside.join("crash/core.1")).unwrap(), b"core");
+}
