@@ -685,3 +685,15 @@ pub fn list_dir(cx: &Ctx<'_>, dir: &Path) -> Vec<(PathBuf, safefs::Meta)> {
     });
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_paths_escape_what_a_terminal_would_interpret() {
+        let p = Path::new(OsStr::from_bytes(b"tmp/bad\xffname\n\x1b[31m"));
+        assert_eq!(show(p), "/tmp/bad\\xffname\\n\\u{1b}[31m");
+        assert_eq!(show(Path::new("var/log/syslog")), "/var/log/syslog");
+    }
+}

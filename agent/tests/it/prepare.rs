@@ -601,3 +601,22 @@ fn policy_dir_on_a_separate_mount_is_not_crossed() {
     );
     assert_eq!(fs::read(f.outside.join("crash/core.1")).unwrap(), b"core");
 }
+
+#[test]
+fn hostname_is_set_per_policy_keeping_owner_and_mode() {
+    let f = Fixture::new();
+    let before = fs::metadata(f.path("etc/hostname")).unwrap();
+    let p = f.write("policy.toml", b"[identity]\nhostname = \"golden-base\"\n");
+    let (code, r) = f.agent_json(&["--only", "identity", "--policy", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(fs::read(f.path("etc/hostname")).unwrap(), b"golden-base\n");
+    let after = fs::metadata(f.path("etc/hostname")).unwrap();
+    assert_eq!(
+        (after.mode(), after.uid(), after.gid()),
+        (before.mode(), before.uid(), before.gid())
+    );
+    // Without a hostname in the policy, /etc/hostname is kept.
+    let (code, _) = f.agent_json(&["--only", "identity"]);
+    assert_eq!(code, 0);
+    assert_eq!(fs::read(f.path("etc/hostname")).unwrap(), b"golden-base\n");
+}
