@@ -31,6 +31,9 @@ pub struct PackagesPolicy {
     pub lock_timeout_secs: u64,
     /// Clean the package manager's caches afterwards.
     pub clean_cache: bool,
+    /// A package-manager command still running after this long is killed
+    /// (with everything it started) and the step fails.
+    pub command_timeout_secs: u64,
 }
 
 impl Default for PackagesPolicy {
@@ -40,6 +43,7 @@ impl Default for PackagesPolicy {
             security_only: false,
             lock_timeout_secs: 300,
             clean_cache: true,
+            command_timeout_secs: 3600,
         }
     }
 }

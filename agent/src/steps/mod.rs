@@ -12,10 +12,14 @@ pub mod user_traces;
 
 use std::{
     ffi::OsStr,
-    io,
-    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    io::{self, Read},
+    os::{
+        fd::AsRawFd,
+        unix::{ffi::OsStrExt, process::CommandExt},
+    },
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -66,7 +70,13 @@ pub struct Cmd {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub chroot: bool,
+    /// The command (and everything it started) is killed after this long.
+    pub timeout: Duration,
 }
+
+/// Default limit for a command: generous, but a hung command must not hang
+/// the preparation (and the promotion waiting for it) forever.
+pub const DEFAULT_CMD_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Cmd {
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(argv: I) -> Cmd {
@@ -74,7 +84,13 @@ impl Cmd {
             argv: argv.into_iter().map(Into::into).collect(),
             env: Vec::new(),
             chroot: false,
+            timeout: DEFAULT_CMD_TIMEOUT,
         }
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Cmd {
+        self.timeout = t;
+        self
     }
 
     pub fn in_target(mut self) -> Cmd {
@@ -466,17 +482,67 @@ pub fn run(cx: &Ctx<'_>, cmd: &Cmd) -> io::Result<CmdOutput> {
         )
         .env("LC_ALL", "C.UTF-8")
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
-    let out = c
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills what it started too
+        // (apt's dpkg, maintainer scripts).
+        .process_group(0);
+    let mut child = c
+        .spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cmd.argv[0])))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + cmd.timeout;
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            break child.wait()?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout_b = out_t.join().unwrap_or_default();
+    let stderr_b = err_t.join().unwrap_or_default();
+    let stdout = String::from_utf8_lossy(&stdout_b).into_owned();
     let mut output = stdout.clone();
-    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    output.push_str(&String::from_utf8_lossy(&stderr_b));
     Ok(CmdOutput {
-        success: out.status.success(),
-        status: out.status.to_string(),
-        code: out.status.code(),
+        success: status.success() && !timed_out,
+        status: if timed_out {
+            format!("timed out after {} s, killed", cmd.timeout.as_secs())
+        } else {
+            status.to_string()
+        },
+        code: if timed_out { None } else { status.code() },
         output,
         stdout,
     })
@@ -688,7 +754,37 @@ pub fn list_dir(cx: &Ctx<'_>, dir: &Path) -> Vec<(PathBuf, safefs::Meta)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_hung_command_is_killed_with_its_children() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let policy = Policy::default();
+        let cx = Ctx {
+            root: &root,
+            policy: &policy,
+            live: true,
+        };
+        let started = Instant::now();
+        let cmd = Cmd::new(["sh", "-c", "echo started; sleep 30 & wait"])
+            .timeout(Duration::from_millis(300));
+        let out = run(&cx, &cmd).unwrap();
+        assert!(!out.success);
+        assert!(out.status.contains("timed out"), "{}", out.status);
+        assert_eq!(out.stdout, "started\n");
+        // The backgrounded sleep held the pipe open: returning at all means it
+        // was killed with its group.
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let ok = run(
+            &cx,
+            &Cmd::new(["sh", "-c", "echo out; echo err >&2; exit 3"]),
+        )
+        .unwrap();
+        assert_eq!((ok.success, ok.code), (false, Some(3)));
+        assert_eq!(ok.output, "out\nerr\n");
+    }
 
     #[test]
     fn shown_paths_escape_what_a_terminal_would_interpret() {

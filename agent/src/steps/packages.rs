@@ -238,6 +238,12 @@ fn apt_security_list(cx: &Ctx<'_>) -> String {
     all
 }
 
+/// Every package-manager command gets the policy's time limit.
+fn limited(cmds: Vec<Cmd>, p: &PackagesPolicy) -> Vec<Cmd> {
+    let t = std::time::Duration::from_secs(p.command_timeout_secs.max(1));
+    cmds.into_iter().map(|c| c.timeout(t)).collect()
+}
+
 impl Step for Packages {
     fn name(&self) -> &'static str {
         "packages"
@@ -267,7 +273,7 @@ impl Step for Packages {
                 0,
             ));
         }
-        for c in commands(m, p) {
+        for c in limited(commands(m, p), p) {
             plan.actions.push(Action::new(Op::Run(c), 0));
         }
         if m == Manager::Apt && p.security_only && p.upgrade {
