@@ -117,7 +117,7 @@ pub fn prepare(
         out.errors.extend(plan.errors.iter().cloned());
         out.warnings.extend(plan.warnings.iter().cloned());
         if opts.dry_run {
-            out.bytes_freed = plan.actions.iter().map(|a| a.bytes).sum();
+            out.bytes_freed = plan.actions.iter().map(|a| a.frees()).sum();
             out.actions = plan
                 .actions
                 .into_iter()

@@ -157,6 +157,14 @@ impl Action {
         self
     }
 
+    /// Bytes this action would free (removals and truncations only).
+    pub fn frees(&self) -> u64 {
+        match self.op {
+            Op::Remove(_) | Op::Truncate(_) => self.bytes,
+            _ => 0,
+        }
+    }
+
     fn kind(&self) -> &'static str {
         match self.op {
             Op::Remove(_) => "remove",

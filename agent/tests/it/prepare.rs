@@ -286,9 +286,18 @@ fn prepare_cleans_and_every_trap_survives() {
     let outside_before = checksums(&f.outside);
     let wtmp_before = fs::metadata(f.path("var/log/wtmp")).unwrap();
     let p = policy(&d);
+    let (_, planned) = f.agent_json(&["--dry-run", "--skip", "packages", "--policy", &p]);
     let (code, r) = f.agent_json(&["--skip", "packages", "--policy", &p]);
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["ready"], true);
+    // What the plan announced is what was freed.
+    for s in ["logs", "temp", "user-traces", "identity"] {
+        assert_eq!(
+            step(&planned, s)["bytes_freed"],
+            step(&r, s)["bytes_freed"],
+            "{s}"
+        );
+    }
     for s in ["services", "logs", "temp", "user-traces", "identity"] {
         assert_eq!(step(&r, s)["status"], "ok", "{s}: {:#}", step(&r, s));
     }
