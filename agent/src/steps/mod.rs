@@ -801,3 +801,62 @@ mod tests {
         assert_eq!(show(Path::new("var/log/syslog")), "/var/log/syslog");
     }
 }
+
+#[cfg(test)]
+mod live_plan_tests {
+    #![allow(clippy::unwrap_used)]
+    //! Plans for a live host, made against a temp root (never applied).
+
+    use super::*;
+
+    fn target(plan: &Plan) -> Vec<String> {
+        plan.actions.iter().map(Action::target).collect()
+    }
+
+    #[test]
+    fn live_and_offline_plans_differ_where_they_must() {
+        let t = tempfile::tempdir().unwrap();
+        let j = t.path().join("var/log/journal/0123");
+        std::fs::create_dir_all(&j).unwrap();
+        std::fs::write(j.join("system.journal"), [0u8; 64]).unwrap();
+        std::fs::create_dir_all(t.path().join("usr/lib/systemd/system")).unwrap();
+        std::fs::write(t.path().join("usr/lib/systemd/system/cups.service"), "").unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let mut policy = Policy::default();
+        policy.services.disable = vec!["cups.service".into()];
+        let live = Ctx {
+            root: &root,
+            policy: &policy,
+            live: true,
+        };
+        let offline = Ctx {
+            root: &root,
+            policy: &policy,
+            live: false,
+        };
+
+        let l = target(&logs::Logs.plan(&live));
+        assert_eq!(l, ["journalctl --rotate", "journalctl --vacuum-time=1s"]);
+        let o = target(&logs::Logs.plan(&offline));
+        assert_eq!(o, ["/var/log/journal/0123"]);
+
+        let l = target(&services::Services.plan(&live));
+        assert_eq!(
+            l,
+            [
+                "systemctl stop -- cups.service",
+                "systemctl disable -- cups.service",
+                "systemctl mask -- cups.service"
+            ]
+        );
+        let o = target(&services::Services.plan(&offline));
+        let r = format!("--root={}", t.path().display());
+        assert_eq!(
+            o,
+            [
+                format!("systemctl {r} disable -- cups.service"),
+                format!("systemctl {r} mask -- cups.service")
+            ]
+        );
+    }
+}
