@@ -16,6 +16,20 @@ pub struct IdentityFacts {
     pub host_key_fingerprints: Vec<String>,
 }
 
+/// The identity found when the agent started, before any prepare of this boot.
+static BOOT_FACTS: std::sync::OnceLock<IdentityFacts> = std::sync::OnceLock::new();
+
+/// Records the identity at agent start (call once, before serving requests).
+pub fn record_boot_identity(root: &Path) {
+    let facts = identity_facts(root);
+    tracing::info!(
+        machine_id = facts.machine_id_sha256.is_some(),
+        host_keys = facts.host_key_fingerprints.len(),
+        "identity at start recorded"
+    );
+    let _ = BOOT_FACTS.set(facts);
+}
+
 /// Reads the machine id and SSH host key fingerprints beneath `root`.
 pub fn identity_facts(root: &Path) -> IdentityFacts {
     let machine_id = std::fs::read_to_string(root.join("etc/machine-id"))
@@ -127,18 +141,84 @@ pub fn verify(root: &Path, promotion_id: &str, exp: &VerifyExpectations) -> Veri
 }
 
 /// Runs `prepare` for the controller. The identity is captured first, so the
-/// report can prove later that a canary's identity differs.
-pub fn prepare(root: &Path, promotion_id: &str, _policy_toml: &str) -> Report {
-    let facts = identity_facts(root);
-    Report {
+/// report can prove later that a canary's identity differs. `progress`
+/// receives `(step, message)` as the steps run.
+pub fn prepare(
+    root_path: &Path,
+    promotion_id: &str,
+    policy_toml: &str,
+    progress: &mut dyn FnMut(&str, String),
+) -> Report {
+    // A repeated request (after a reconnect) finds the identity already
+    // reset; the identity this boot started with is the one to report.
+    let now = identity_facts(root_path);
+    let facts = match BOOT_FACTS.get() {
+        Some(boot) if boot.machine_id_sha256.is_some() => boot.clone(),
+        _ => now,
+    };
+    let base = Report {
         promotion_id: promotion_id.to_owned(),
-        ready: false,
-        steps: Vec::new(),
-        findings: Vec::new(),
-        report_json: String::new(),
         source_machine_id_sha256: facts.machine_id_sha256.unwrap_or_default(),
         source_host_key_fingerprints: facts.host_key_fingerprints,
-        error: "prepare is not available in this agent build".into(),
+        ..Default::default()
+    };
+    let policy = if policy_toml.trim().is_empty() {
+        crate::policy::Policy::default()
+    } else {
+        match crate::policy::Policy::from_toml(policy_toml, "policy sent by the controller") {
+            Ok(p) => p,
+            Err(e) => {
+                return Report {
+                    error: e.to_string(),
+                    ..base
+                };
+            }
+        }
+    };
+    let root = match crate::safefs::Root::open(root_path) {
+        Ok(r) => r,
+        Err(e) => {
+            return Report {
+                error: format!("{}: {e}", root_path.display()),
+                ..base
+            };
+        }
+    };
+    let opts = crate::prepare::PrepareOptions {
+        dry_run: false,
+        only: Vec::new(),
+        skip: Vec::new(),
+        live: crate::prepare::is_live_root(root_path),
+    };
+    let report = crate::prepare::prepare(&root, &policy, &opts, &mut |ev| match ev {
+        crate::steps::ProgressEvent::StepStarted { step } => progress(&step, "started".into()),
+        crate::steps::ProgressEvent::Action {
+            step,
+            index,
+            total,
+            target,
+        } => progress(&step, format!("[{}/{total}] {target}", index + 1)),
+        crate::steps::ProgressEvent::StepFinished { step, status } => {
+            progress(&step, format!("{status:?}").to_lowercase())
+        }
+    });
+    let steps = report
+        .steps
+        .iter()
+        .map(|s| amiprep_proto::v1::StepReport {
+            name: s.name.clone(),
+            ok: s.status != crate::steps::StepStatus::Failed,
+            actions: u32::try_from(s.actions.len()).unwrap_or(u32::MAX),
+            bytes_freed: s.bytes_freed,
+            duration_ms: s.duration_ms,
+            errors: s.errors.clone(),
+        })
+        .collect();
+    Report {
+        ready: report.ready,
+        steps,
+        report_json: serde_json::to_string(&report).unwrap_or_default(),
+        ..base
     }
 }
 

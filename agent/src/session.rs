@@ -69,6 +69,7 @@ impl Agent {
             IdentitySource::Imds => Some(Imds::new(&config.identity.imds_endpoint)?),
             IdentitySource::Static => None,
         };
+        crate::requests::record_boot_identity(&config.root);
         let addr = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -255,8 +256,32 @@ impl Agent {
                     // idempotent.
                     let _guard = PREPARE_LOCK.lock().await;
                     let id = p.promotion_id.clone();
+                    let progress_tx = tx.clone();
                     let report = tokio::task::spawn_blocking(move || {
-                        crate::requests::prepare(&root, &p.promotion_id, &p.policy_toml)
+                        let mut last = std::time::Instant::now();
+                        let id = p.promotion_id.clone();
+                        crate::requests::prepare(
+                            &root,
+                            &p.promotion_id,
+                            &p.policy_toml,
+                            &mut |step, text| {
+                                // Step boundaries always; per-action lines at most 5 per second.
+                                let boundary = !text.starts_with('[');
+                                if boundary
+                                    || last.elapsed() >= std::time::Duration::from_millis(200)
+                                {
+                                    last = std::time::Instant::now();
+                                    let _ = progress_tx.blocking_send(message(
+                                        agent_message::Msg::Progress(amiprep_proto::v1::Progress {
+                                            promotion_id: id.clone(),
+                                            step: step.to_owned(),
+                                            message: text,
+                                            percent: 0,
+                                        }),
+                                    ));
+                                }
+                            },
+                        )
                     })
                     .await
                     .unwrap_or_else(|e| amiprep_proto::v1::Report {

@@ -225,6 +225,8 @@ pub mod promotions {
             "updated": time(p.updated_unix_ms),
             "resources": p.resources,
             "manifest_path": p.manifest_path,
+            "report_sha256": p.report_sha256,
+            "report": serde_json::from_str::<serde_json::Value>(&p.report_json).unwrap_or(serde_json::Value::Null),
         })
     }
 

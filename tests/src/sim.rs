@@ -167,8 +167,11 @@ async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
                 s.running.insert(id, Running { _imds: imds, agent });
             } else if st != "running" && is_running {
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                s.running.remove(&id);
-                s.log.push(format!("stopped agent for {id} ({st})"));
+                if let Some(r) = s.running.remove(&id) {
+                    let text = r.agent.proc.log_text();
+                    s.log
+                        .push(format!("stopped agent for {id} ({st}); its log:\n{text}"));
+                }
             }
         }
     }
@@ -196,13 +199,16 @@ fn instance_root(
     canary: bool,
     source: Option<String>,
 ) -> anyhow::Result<PathBuf> {
-    if let Some(r) = state
+    let known = state
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .roots
         .get(id)
-    {
-        return Ok(r.clone()); // restarted instance: same disk
+        .cloned();
+    if let Some(r) = known {
+        // A restarted instance boots again from the same disk.
+        first_boot(&r)?;
+        return Ok(r);
     }
     let root = cfg.work.join(id);
     if canary {

@@ -54,6 +54,13 @@ pub fn template_root(dir: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(root.join("etc/hostname"), "source-host\n").unwrap();
+    // A systemd host with ssh-keygen: prepare installs its first-boot key
+    // generation unit, which the simulator's "boot" stands in for.
+    std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+    std::fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
+    std::fs::write(root.join("usr/bin/ssh-keygen"), "").unwrap();
     std::fs::write(
         root.join("etc/machine-id"),
         format!("{:032x}\n", rand::random::<u128>()),
@@ -79,6 +86,11 @@ pub fn template_root(dir: &Path) -> PathBuf {
 
 impl World {
     pub fn new(extra_pipeline: &str) -> World {
+        Self::with_timeouts(30, extra_pipeline)
+    }
+
+    /// `timeout` bounds each wait (stop, image, canary); extra `[pipeline]` keys follow.
+    pub fn with_timeouts(timeout: u64, extra_pipeline: &str) -> World {
         let moto = Moto::start();
         let proxy = FaultProxy::start(&format!("127.0.0.1:{}", moto.port));
         let pki = Pki::new();
@@ -88,7 +100,7 @@ impl World {
             ControllerOpts {
                 ec2_endpoint: Some(proxy.endpoint()),
                 extra: format!(
-                    "[pipeline]\nstate_db = {:?}\nmanifest_dir = {:?}\npoll_initial_ms = 100\npoll_max_ms = 400\nagent_wait_secs = 30\nprepare_timeout_secs = 60\nstop_timeout_secs = 30\nimage_timeout_secs = 30\ncanary_timeout_secs = 60\n{extra_pipeline}",
+                    "[pipeline]\nstate_db = {:?}\nmanifest_dir = {:?}\npoll_initial_ms = 100\npoll_max_ms = 400\nagent_wait_secs = {timeout}\nprepare_timeout_secs = {timeout}\nstop_timeout_secs = {timeout}\nimage_timeout_secs = {timeout}\ncanary_timeout_secs = {timeout}\n{extra_pipeline}",
                     pki.file("state.db"),
                     pki.file("manifests")
                 ),
@@ -471,9 +483,10 @@ fn cancel_mid_way_cleans_up() {
 
 #[test]
 fn throttling_storm_completes() {
-    let w = World::new("");
+    // Adaptive retry slows the client down while throttled: give it time.
+    let w = World::with_timeouts(180, "");
     w.proxy.set(Faults {
-        throttle_every: Some(2),
+        throttle_every: Some(3),
         error_every: Some(7),
         ..Default::default()
     });
@@ -537,8 +550,9 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
         assert_eq!(
             s["state"],
             "promoted",
-            "killed in {state}: {s}\n{}",
-            w.controller.proc.log_text()
+            "killed in {state}: {s}\n{}\nsim:\n{}",
+            w.controller.proc.log_text(),
+            w.sim.log()
         );
         assert_eq!(
             w.images_of(&id, "us-east-1").len(),
