@@ -3,4 +3,5 @@
 
 pub mod cli;
 pub mod prepare;
+pub mod safefs;
 pub mod scan;
