@@ -353,7 +353,7 @@ fn looks_like_identifier(secret: &[u8]) -> bool {
         .iter()
         .all(|b| b.is_ascii_alphabetic() || *b == b'.' || *b == b'_')
         && s.contains(&b'.');
-    (lower_ident && (s.contains(&b'_') || s.contains(&b'.'))) || camel_ident
+    (lower_ident && s.iter().any(|b| matches!(*b, b'_' | b'.' | b'-'))) || camel_ident
 }
 
 fn b64_decode(text: &[u8], url: bool) -> Option<Vec<u8>> {

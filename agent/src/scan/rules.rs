@@ -220,6 +220,52 @@ pub fn builtin() -> &'static [Rule] {
     })
 }
 
+/// Check every rule against its own examples: each example is reported by
+/// its rule and no other, and no negative example is reported at all.
+/// Returns one message per failure.
+pub fn check(engine: &crate::scan::engine::Engine) -> Vec<String> {
+    let rules = engine.rules();
+    let id = |h: &crate::scan::engine::Hit| rules[h.rule].id().to_owned();
+    let mut failures = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        let at = r
+            .spec
+            .example_path
+            .clone()
+            .unwrap_or_else(|| "/etc/app/config".to_owned());
+        if r.spec.examples.is_empty() || r.spec.negative_examples.is_empty() {
+            failures.push(format!("{}: needs examples and negative examples", r.id()));
+        }
+        if let Some(p) = &r.path
+            && !p.is_match(at.as_bytes())
+        {
+            failures.push(format!(
+                "{}: example_path {at} is outside the rule's path",
+                r.id()
+            ));
+        }
+        for (n, ex) in r.spec.examples.iter().enumerate() {
+            let hits = engine.scan(&at, ex.as_bytes(), false);
+            if !hits.iter().any(|h| h.rule == i) || !hits.iter().all(|h| h.rule == i) {
+                let ids: Vec<String> = hits.iter().map(id).collect();
+                failures.push(format!("{}: example {} reported as {ids:?}", r.id(), n + 1));
+            }
+        }
+        for (n, ex) in r.spec.negative_examples.iter().enumerate() {
+            let hits = engine.scan(&at, ex.as_bytes(), false);
+            if !hits.is_empty() {
+                let ids: Vec<String> = hits.iter().map(id).collect();
+                failures.push(format!(
+                    "{}: negative example {} reported as {ids:?}",
+                    r.id(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    failures
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
