@@ -7,7 +7,7 @@
 //! (earlier rules win). What leaves this module is a [`Hit`]: position, rule,
 //! fingerprint and masked preview, never the secret itself.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
 use regex::bytes::RegexSet;
 use sha2::{Digest, Sha256};
@@ -35,11 +35,59 @@ pub fn looks_binary(data: &[u8]) -> bool {
     memchr::memchr(0, &data[..data.len().min(BINARY_SNIFF)]).is_some()
 }
 
-pub struct Engine {
-    rules: &'static [Rule],
-    keywords: AhoCorasick,
+/// One keyword automaton and the rules each keyword triggers.
+struct Prefilter {
+    ac: Option<AhoCorasick>,
     /// Keyword pattern index -> rules it triggers.
     keyword_rules: Vec<Vec<usize>>,
+}
+
+impl Prefilter {
+    fn new(rules: &[Rule], case_insensitive: bool, binary_only: bool) -> Prefilter {
+        let mut words: Vec<Vec<u8>> = Vec::new();
+        let mut keyword_rules: Vec<Vec<usize>> = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            if rule.case_insensitive() != case_insensitive || (binary_only && !rule.spec.binary) {
+                continue;
+            }
+            for k in &rule.spec.keywords {
+                let k = if case_insensitive {
+                    k.to_ascii_lowercase().into_bytes()
+                } else {
+                    k.clone().into_bytes()
+                };
+                match words.iter().position(|w| *w == k) {
+                    Some(p) => keyword_rules[p].push(i),
+                    None => {
+                        words.push(k);
+                        keyword_rules.push(vec![i]);
+                    }
+                }
+            }
+        }
+        let ac = (!words.is_empty()).then(|| {
+            // Building from validated, non-empty literal keywords cannot
+            // fail (only pattern sets beyond the size limits can).
+            AhoCorasickBuilder::new()
+                .ascii_case_insensitive(case_insensitive)
+                .match_kind(MatchKind::Standard)
+                // A full DFA: a few hundred states for these keywords, and
+                // the fastest overlapping search.
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(&words)
+                .expect("keyword automaton within size limits")
+        });
+        Prefilter { ac, keyword_rules }
+    }
+}
+
+pub struct Engine {
+    rules: &'static [Rule],
+    /// Keyword automata: case-sensitive and case-insensitive keywords (a
+    /// rule's keywords are case-insensitive when its pattern is), for text
+    /// files (all rules) and for binary files (rules marked `binary`).
+    text: [Prefilter; 2],
+    binary: [Prefilter; 2],
     /// Path regexes of path-restricted rules, and which rule each is.
     paths: RegexSet,
     path_rules: Vec<usize>,
@@ -53,29 +101,19 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Where a triggered rule's regex runs.
+#[derive(Clone)]
+enum Scope {
+    NotApplicable,
+    Applicable,
+    /// Run over the whole buffer.
+    Whole,
+    /// Run over these byte ranges (each keyword hit's line and the next).
+    Lines(Vec<(usize, usize)>),
+}
+
 impl Engine {
     pub fn new(rules: &'static [Rule]) -> Engine {
-        let mut words: Vec<Vec<u8>> = Vec::new();
-        let mut keyword_rules: Vec<Vec<usize>> = Vec::new();
-        for (i, rule) in rules.iter().enumerate() {
-            for k in &rule.spec.keywords {
-                let k = k.to_ascii_lowercase().into_bytes();
-                match words.iter().position(|w| *w == k) {
-                    Some(p) => keyword_rules[p].push(i),
-                    None => {
-                        words.push(k);
-                        keyword_rules.push(vec![i]);
-                    }
-                }
-            }
-        }
-        // Building from validated, non-empty literal keywords cannot fail
-        // (failure is only possible for pattern sets beyond the size limits).
-        let keywords = AhoCorasickBuilder::new()
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::Standard)
-            .build(&words)
-            .expect("keyword automaton within size limits");
         let mut path_src = Vec::new();
         let mut path_rules = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
@@ -88,8 +126,14 @@ impl Engine {
         let paths = RegexSet::new(path_src).expect("path regexes compiled individually");
         Engine {
             rules,
-            keywords,
-            keyword_rules,
+            text: [
+                Prefilter::new(rules, false, false),
+                Prefilter::new(rules, true, false),
+            ],
+            binary: [
+                Prefilter::new(rules, false, true),
+                Prefilter::new(rules, true, true),
+            ],
             paths,
             path_rules,
         }
@@ -103,57 +147,56 @@ impl Engine {
     /// starting with `/`). In binary data only rules marked `binary` run.
     pub fn scan(&self, path: &str, data: &[u8], binary: bool) -> Vec<Hit> {
         let n = self.rules.len();
-        // 0: not applicable here, 1: applicable, 2: applicable and triggered.
-        let mut state = vec![1u8; n];
+        let mut scope = vec![Scope::Applicable; n];
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.spec.path.is_some() || (binary && !rule.spec.binary) {
-                state[i] = 0;
+                scope[i] = Scope::NotApplicable;
             }
         }
         for m in self.paths.matches(path.as_bytes()).iter() {
             let r = self.path_rules[m];
             if !binary || self.rules[r].spec.binary {
-                state[r] = if self.rules[r].spec.keywords.is_empty() {
-                    2
+                scope[r] = if self.rules[r].spec.keywords.is_empty() {
+                    Scope::Whole
                 } else {
-                    1
+                    Scope::Applicable
                 };
             }
         }
-        let mut wanted = state.iter().filter(|s| **s == 1).count();
-        if wanted > 0 {
-            for m in self.keywords.find_overlapping_iter(data) {
-                for &r in &self.keyword_rules[m.pattern().as_usize()] {
-                    if state[r] == 1 {
-                        state[r] = 2;
-                        wanted -= 1;
+        let prefilters = if binary { &self.binary } else { &self.text };
+        for pf in prefilters {
+            let Some(ac) = &pf.ac else { continue };
+            for m in ac.find_overlapping_iter(data) {
+                for &r in &pf.keyword_rules[m.pattern().as_usize()] {
+                    if self.rules[r].spec.multiline {
+                        if matches!(scope[r], Scope::Applicable) {
+                            scope[r] = Scope::Whole;
+                        }
+                        continue;
                     }
-                }
-                if wanted == 0 {
-                    break;
+                    let (s, e) = line_window(data, m.start());
+                    match &mut scope[r] {
+                        Scope::Applicable => scope[r] = Scope::Lines(vec![(s, e)]),
+                        Scope::Lines(v) => match v.last_mut() {
+                            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                            _ => v.push((s, e)),
+                        },
+                        Scope::NotApplicable | Scope::Whole => {}
+                    }
                 }
             }
         }
 
         let mut found: Vec<(usize, usize, usize)> = Vec::new(); // (start, end, rule)
         for (r, rule) in self.rules.iter().enumerate() {
-            if state[r] != 2 {
-                continue;
-            }
-            for caps in rule.regex.captures_iter(data) {
-                let (mut s, mut e) = rule.secret_range(&caps);
-                // Quoted values: the quotes are not part of the secret.
-                if e - s >= 2 && matches!(data[s], b'"' | b'\'') && data[e - 1] == data[s] {
-                    s += 1;
-                    e -= 1;
-                }
-                if s == e || found.iter().any(|&(fs, fe, _)| s < fe && fs < e) {
-                    continue;
-                }
-                let whole = caps.get(0).map_or(&[][..], |m| m.as_bytes());
-                if accept(rule, &data[s..e], rule.key(&caps), whole) {
-                    found.push((s, e, r));
-                }
+            let whole = [(0, data.len())];
+            let ranges: &[(usize, usize)] = match &scope[r] {
+                Scope::Whole => &whole,
+                Scope::Lines(v) => v,
+                Scope::NotApplicable | Scope::Applicable => continue,
+            };
+            for &(base, end) in ranges {
+                self.run_rule(r, rule, data, base, end, &mut found);
             }
         }
         found.sort_unstable();
@@ -182,6 +225,51 @@ impl Engine {
         }
         hits
     }
+}
+
+impl Engine {
+    /// Run one rule's regex over `data[base..end]`, keeping accepted
+    /// candidates that do not overlap an earlier (higher-priority) finding.
+    fn run_rule(
+        &self,
+        r: usize,
+        rule: &Rule,
+        data: &[u8],
+        base: usize,
+        end: usize,
+        found: &mut Vec<(usize, usize, usize)>,
+    ) {
+        for caps in rule.regex.captures_iter(&data[base..end]) {
+            let (s, e) = rule.secret_range(&caps);
+            let (mut s, mut e) = (s + base, e + base);
+            // Quoted values: the quotes are not part of the secret.
+            if e - s >= 2 && matches!(data[s], b'"' | b'\'') && data[e - 1] == data[s] {
+                s += 1;
+                e -= 1;
+            }
+            if s == e || found.iter().any(|&(fs, fe, _)| s < fe && fs < e) {
+                continue;
+            }
+            let whole = caps.get(0).map_or(&[][..], |m| m.as_bytes());
+            if accept(rule, &data[s..e], rule.key(&caps), whole) {
+                found.push((s, e, r));
+            }
+        }
+    }
+}
+
+/// The line holding `pos` and the line after it (a value may follow its
+/// key on the next line, as in YAML).
+fn line_window(data: &[u8], pos: usize) -> (usize, usize) {
+    let start = memchr::memrchr(b'\n', &data[..pos]).map_or(0, |i| i + 1);
+    let end = match memchr::memchr(b'\n', &data[pos..]) {
+        None => data.len(),
+        Some(i) => {
+            let next = pos + i + 1;
+            memchr::memchr(b'\n', &data[next..]).map_or(data.len(), |j| next + j)
+        }
+    };
+    (start, end)
 }
 
 /// Every filter a candidate must pass.

@@ -70,6 +70,10 @@ pub struct RuleSpec {
     /// Also applies to binary files (only for high-specificity formats).
     #[serde(default)]
     pub binary: bool,
+    /// The pattern spans lines (key blocks): run it over the whole file
+    /// rather than around each keyword's line.
+    #[serde(default)]
+    pub multiline: bool,
     #[serde(default)]
     pub validate: Option<Validator>,
     /// Key words that make a `key` capture a property, not a secret.
@@ -106,6 +110,11 @@ pub struct Rule {
 impl Rule {
     pub fn id(&self) -> &str {
         &self.spec.id
+    }
+
+    /// Keywords are matched ignoring ASCII case when the pattern does.
+    pub fn case_insensitive(&self) -> bool {
+        self.spec.pattern.contains("(?i")
     }
 
     /// Which rule file the rule came from.

@@ -71,16 +71,18 @@ struct Job {
     /// `/` + the path beneath the root, for path-restricted rules.
     rel: String,
     file: File,
+    size: u64,
 }
 
 #[derive(Default)]
 struct Shared {
-    /// Content hash -> the path index whose scan stands for it.
-    contents: HashMap<[u8; 32], usize>,
-    /// Path index -> hits in that path's own content.
-    hits: HashMap<usize, Vec<Hit>>,
-    /// Path index -> path index whose content it repeats.
-    aliases: Vec<(usize, usize)>,
+    /// Content hash (SHA-256, first 128 bits) -> the file whose scan
+    /// stands for it.
+    contents: HashMap<[u8; 16], usize>,
+    /// File id -> its path and the hits in its content (files with hits only).
+    hits: HashMap<usize, (String, Vec<Hit>)>,
+    /// (file id, path, id of the file whose content it repeats).
+    aliases: Vec<(usize, String, usize)>,
     problems: Vec<String>,
 }
 
@@ -109,12 +111,11 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     };
     let shared = Mutex::new(Shared::default());
     let counters = Counters::default();
-    let mut paths: Vec<String> = Vec::new();
     let mut files = 0u64;
     let mut walk_errors = 0u64;
     let mut walk_problems: Vec<String> = Vec::new();
     let mut links: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut link_aliases: Vec<(usize, usize)> = Vec::new();
+    let mut link_aliases: Vec<(String, usize)> = Vec::new();
 
     let (tx, rx) = mpsc::sync_channel::<Job>(threads * 4);
     let rx = Arc::new(Mutex::new(rx));
@@ -138,9 +139,8 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                         if e.meta.kind != Kind::File {
                             return Control::Continue;
                         }
+                        let idx = usize::try_from(files).unwrap_or(usize::MAX);
                         files += 1;
-                        let idx = paths.len();
-                        paths.push(e.rel.to_string_lossy().into_owned());
                         if e.meta.size > max {
                             counters.large.fetch_add(1, Ordering::Relaxed);
                             return Control::Continue;
@@ -148,7 +148,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                         if e.meta.nlink > 1 {
                             let key = (e.meta.dev, e.meta.ino);
                             if let Some(&first) = links.get(&key) {
-                                link_aliases.push((idx, first));
+                                link_aliases.push((e.rel.to_string_lossy().into_owned(), first));
                                 return Control::Continue;
                             }
                             links.insert(key, idx);
@@ -157,8 +157,9 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                             Ok(file) => {
                                 let job = Job {
                                     path: idx,
-                                    rel: format!("/{}", paths[idx]),
+                                    rel: format!("/{}", e.rel.to_string_lossy()),
                                     file,
+                                    size: e.meta.size,
                                 };
                                 if tx.send(job).is_err() {
                                     return Control::Stop;
@@ -194,11 +195,11 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let shared = shared.into_inner().unwrap_or_else(|p| p.into_inner());
     let rules = engine.rules();
     let mut findings = Vec::new();
-    let mut emit = |path: usize, hits: &[Hit]| {
+    let mut emit = |path: &str, hits: &[Hit]| {
         for h in hits {
             findings.push(Finding {
                 rule: rules[h.rule].id().to_owned(),
-                path: paths[path].clone(),
+                path: path.to_owned(),
                 line: h.line,
                 column: h.column,
                 fingerprint: h.fingerprint.clone(),
@@ -206,19 +207,21 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
             });
         }
     };
-    for (path, hits) in &shared.hits {
-        emit(*path, hits);
+    for (path, hits) in shared.hits.values() {
+        emit(path, hits);
     }
     // A hard link's first path may itself repeat another path's content:
     // follow content aliases once more.
-    let alias_map: HashMap<usize, usize> = shared.aliases.iter().copied().collect();
-    for (alias, first) in shared.aliases.iter().chain(link_aliases.iter()) {
-        let mut source = *first;
-        if let Some(&f) = alias_map.get(&source) {
-            source = f;
-        }
-        if let Some(hits) = shared.hits.get(&source) {
-            emit(*alias, hits);
+    let alias_map: HashMap<usize, usize> = shared
+        .aliases
+        .iter()
+        .map(|(id, _, src)| (*id, *src))
+        .collect();
+    let aliases = shared.aliases.iter().map(|(_, p, src)| (p, *src));
+    for (alias, first) in aliases.chain(link_aliases.iter().map(|(p, f)| (p, *f))) {
+        let source = alias_map.get(&first).copied().unwrap_or(first);
+        if let Some((_, hits)) = shared.hits.get(&source) {
+            emit(alias, hits);
         }
     }
     findings.sort();
@@ -259,6 +262,9 @@ fn worker(
         };
         let Ok(job) = job else { return };
         buf.clear();
+        // Exactly what the walker saw, plus one byte to notice growth: no
+        // doubling past the file's size.
+        buf.reserve_exact(usize::try_from(job.size.min(max) + 1).unwrap_or(0));
         let read = job.file.take(max + 1).read_to_end(&mut buf);
         if let Err(e) = read {
             counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -275,11 +281,13 @@ fn worker(
         counters
             .bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let digest: [u8; 32] = Sha256::digest(&buf).into();
+        let full: [u8; 32] = Sha256::digest(&buf).into();
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&full[..16]);
         {
             let mut s = lock(shared);
             if let Some(&first) = s.contents.get(&digest) {
-                s.aliases.push((job.path, first));
+                s.aliases.push((job.path, job.rel[1..].to_owned(), first));
                 continue;
             }
             s.contents.insert(digest, job.path);
@@ -290,13 +298,13 @@ fn worker(
         }
         let hits = engine.scan(&job.rel, &buf, binary);
         if !hits.is_empty() {
-            lock(shared).hits.insert(job.path, hits);
+            lock(shared)
+                .hits
+                .insert(job.path, (job.rel[1..].to_owned(), hits));
         }
-        // Keep the reusable buffer from pinning a large file's worth of
-        // memory for the rest of the scan.
-        if buf.capacity() > 1 << 20 {
-            buf = Vec::new();
-        }
+        // The buffer is kept for the next file: freeing and reallocating
+        // multi-megabyte buffers fragments the allocator's heap, which costs
+        // more resident memory than one buffer per worker at the size cap.
     }
 }
 
