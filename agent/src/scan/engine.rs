@@ -40,6 +40,8 @@ struct Prefilter {
     ac: Option<AhoCorasick>,
     /// Keyword pattern index -> rules it triggers.
     keyword_rules: Vec<Vec<usize>>,
+    /// Report overlapping occurrences (needed for Standard semantics).
+    overlapping: bool,
 }
 
 impl Prefilter {
@@ -65,19 +67,58 @@ impl Prefilter {
                 }
             }
         }
+        // A keyword containing another also triggers the other's rules, and
+        // longer keywords come first: a leftmost-first search that reports
+        // `secret_access_key` has then also seen `secret`.
+        let mut pairs: Vec<(Vec<u8>, Vec<usize>)> = words
+            .iter()
+            .map(|w| {
+                let mut rs: Vec<usize> = Vec::new();
+                for (o, other) in words.iter().enumerate() {
+                    if memchr::memmem::find(w, other).is_some() {
+                        rs.extend(&keyword_rules[o]);
+                    }
+                }
+                rs.sort_unstable();
+                rs.dedup();
+                (w.clone(), rs)
+            })
+            .collect();
+        pairs.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let (words, keyword_rules): (Vec<Vec<u8>>, Vec<Vec<usize>>) = pairs.into_iter().unzip();
         let ac = (!words.is_empty()).then(|| {
+            // Case-sensitive keywords: leftmost-first, which lets the
+            // automaton use a vectorised (Teddy) prefilter; these keywords
+            // are distinctive prefixes that do not overlap one another.
+            // Case-insensitive ones (common words) need every overlapping
+            // occurrence and get a full DFA.
+            let kind = if case_insensitive {
+                MatchKind::Standard
+            } else {
+                MatchKind::LeftmostFirst
+            };
             // Building from validated, non-empty literal keywords cannot
             // fail (only pattern sets beyond the size limits can).
             AhoCorasickBuilder::new()
                 .ascii_case_insensitive(case_insensitive)
-                .match_kind(MatchKind::Standard)
-                // A full DFA: a few hundred states for these keywords, and
-                // the fastest overlapping search.
+                .match_kind(kind)
                 .kind(Some(AhoCorasickKind::DFA))
                 .build(&words)
                 .expect("keyword automaton within size limits")
         });
-        Prefilter { ac, keyword_rules }
+        Prefilter {
+            ac,
+            keyword_rules,
+            overlapping: case_insensitive,
+        }
+    }
+
+    fn hits<'h>(&'h self, data: &'h [u8]) -> Box<dyn Iterator<Item = aho_corasick::Match> + 'h> {
+        match &self.ac {
+            None => Box::new(std::iter::empty()),
+            Some(ac) if self.overlapping => Box::new(ac.find_overlapping_iter(data)),
+            Some(ac) => Box::new(ac.find_iter(data)),
+        }
     }
 }
 
@@ -165,8 +206,7 @@ impl Engine {
         }
         let prefilters = if binary { &self.binary } else { &self.text };
         for pf in prefilters {
-            let Some(ac) = &pf.ac else { continue };
-            for m in ac.find_overlapping_iter(data) {
+            for m in pf.hits(data) {
                 for &r in &pf.keyword_rules[m.pattern().as_usize()] {
                     if self.rules[r].spec.multiline {
                         if matches!(scope[r], Scope::Applicable) {
