@@ -41,13 +41,16 @@ log "generating the fixture"
 run() {
     local tool="$1" tree="$2" tag="$3" o="$out/$3.$1"
     local -a cmd
+    local dir="$out" stdout="$o.out"
     case "$tool" in
         amiprep) cmd=("$agent" scan --root "$tree" --format json) ;;
         kingfisher) cmd=("$venv/bin/kingfisher" scan "$tree" --no-validate --git-history none
                          --no-update-check -q -f json) ;;
         gitleaks) cmd=("$venv/bin/gitleaks" dir "$tree" --no-banner --log-level error
-                       -f json -r /dev/stdout) ;;
-        detect-secrets) cmd=("$venv/bin/detect-secrets" scan --all-files "$tree") ;;
+                       -f json -r "$o.out"); stdout="$o.stdout" ;;
+        # detect-secrets reports nothing for a path outside the working
+        # directory: run it inside the tree.
+        detect-secrets) cmd=("$venv/bin/detect-secrets" scan --all-files .); dir="$tree" ;;
     esac
     sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
     # Warm the page cache identically for every tool: the comparison is of
@@ -55,7 +58,8 @@ run() {
     find "$tree" -xdev -type f -size -300M -print0 2>/dev/null | xargs -0 cat > /dev/null 2>&1 || true
     log "$tag: $tool"
     set +e
-    (cd "$out" && timeout "$timeout_s" /usr/bin/time -v -o "$o.time" "${cmd[@]}" > "$o.out" 2> "$o.err")
+    rm -f "$o.out"
+    (cd "$dir" && timeout "$timeout_s" /usr/bin/time -v -o "$o.time" "${cmd[@]}" > "$stdout" 2> "$o.err")
     echo $? > "$o.rc"
     set -e
 }
