@@ -20,6 +20,28 @@ pub struct Policy {
     pub temp: TempPolicy,
     pub user_traces: UserTracesPolicy,
     pub identity: IdentityPolicy,
+    pub scan: ScanPolicy,
+}
+
+/// The secret scan that gates readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScanPolicy {
+    /// Baseline of accepted findings (a file on the host running the agent,
+    /// written by `amiprep-agent scan --write-baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<PathBuf>,
+    /// Files larger than this are counted, not read.
+    pub max_file_size: u64,
+}
+
+impl Default for ScanPolicy {
+    fn default() -> Self {
+        ScanPolicy {
+            baseline: None,
+            max_file_size: crate::scan::DEFAULT_MAX_FILE_SIZE,
+        }
+    }
 }
 
 /// Step selection carried by the policy, so a policy sent by the controller

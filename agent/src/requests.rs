@@ -214,9 +214,27 @@ pub fn prepare(
             errors: s.errors.clone(),
         })
         .collect();
+    // Findings of the scan step, as masked previews and fingerprints.
+    let findings = report
+        .steps
+        .iter()
+        .filter(|s| s.name == "scan")
+        .filter_map(|s| s.details.get("findings"))
+        .filter_map(|v| serde_json::from_value::<Vec<crate::scan::Finding>>(v.clone()).ok())
+        .flatten()
+        .map(|f| amiprep_proto::v1::Finding {
+            rule: f.rule,
+            path: f.path,
+            line: u32::try_from(f.line).unwrap_or(u32::MAX),
+            column: u32::try_from(f.column).unwrap_or(u32::MAX),
+            fingerprint: f.fingerprint,
+            preview: f.preview,
+        })
+        .collect();
     Report {
         ready: report.ready,
         steps,
+        findings,
         report_json: serde_json::to_string(&report).unwrap_or_default(),
         ..base
     }

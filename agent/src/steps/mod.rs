@@ -4,6 +4,7 @@
 //! planning helpers built on [`crate::safefs`].
 
 pub mod identity;
+pub mod scan;
 pub mod logs;
 pub mod packages;
 pub mod services;
@@ -41,6 +42,8 @@ pub enum StepName {
     Temp,
     UserTraces,
     Identity,
+    /// The secret scan, last, so it sees the final disk.
+    Scan,
 }
 
 impl StepName {
@@ -52,6 +55,7 @@ impl StepName {
             StepName::Temp => "temp",
             StepName::UserTraces => "user-traces",
             StepName::Identity => "identity",
+            StepName::Scan => "scan",
         }
     }
 }
@@ -341,6 +345,7 @@ pub fn all_steps() -> Vec<(StepName, Box<dyn Step>)> {
         (StepName::Temp, Box::new(temp::Temp)),
         (StepName::UserTraces, Box::new(user_traces::UserTraces)),
         (StepName::Identity, Box::new(identity::Identity)),
+        (StepName::Scan, Box::new(scan::Scan)),
     ]
 }
 

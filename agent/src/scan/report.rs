@@ -1,0 +1,306 @@
+//! What a scan reports, and the three ways it is printed (text, JSON,
+//! SARIF 2.1.0), plus baselines of accepted findings. Nothing here ever sees
+//! a secret value: findings carry a fingerprint and a masked preview.
+
+use std::{io, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use super::rules::{Rule, Severity};
+
+/// One credential found at one place.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Finding {
+    pub rule: String,
+    /// Path beneath the scanned root (no leading `/`).
+    pub path: String,
+    pub line: u64,
+    pub column: u64,
+    /// Hex SHA-256 over the rule id and the secret.
+    pub fingerprint: String,
+    /// A few leading characters of the secret, then `…`.
+    pub preview: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanStats {
+    /// Regular files considered (every path, duplicates included).
+    pub files: u64,
+    /// Bytes read and matched.
+    pub bytes: u64,
+    /// Binary files: only the rules marked `binary` (keys, prefixed tokens)
+    /// were applied to them.
+    pub skipped_binary: u64,
+    /// Files over the size cap, not read.
+    pub skipped_large: u64,
+    /// Entries that could not be walked, opened or read.
+    pub errors: u64,
+    pub elapsed_ms: u64,
+}
+
+/// The result of a scan. Serialises to the documented JSON shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanReport {
+    /// Findings not accepted by the baseline: these make a host not ready.
+    pub findings: Vec<Finding>,
+    /// Findings the baseline accepts.
+    pub accepted: Vec<Finding>,
+    pub stats: ScanStats,
+    /// Paths that could not be scanned, with the reason (never file content).
+    #[serde(skip)]
+    pub problems: Vec<String>,
+}
+
+impl ScanReport {
+    /// Nothing found beyond the baseline.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+/// Accepted findings, matched by fingerprint, rule and path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Baseline {
+    pub version: u32,
+    pub accepted: Vec<BaselineEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BaselineEntry {
+    pub fingerprint: String,
+    pub rule: String,
+    pub path: String,
+}
+
+impl Baseline {
+    pub const VERSION: u32 = 1;
+
+    pub fn from_findings(findings: &[Finding]) -> Baseline {
+        let mut accepted: Vec<BaselineEntry> = findings
+            .iter()
+            .map(|f| BaselineEntry {
+                fingerprint: f.fingerprint.clone(),
+                rule: f.rule.clone(),
+                path: f.path.clone(),
+            })
+            .collect();
+        accepted.sort();
+        accepted.dedup();
+        Baseline {
+            version: Self::VERSION,
+            accepted,
+        }
+    }
+
+    pub fn accepts(&self, f: &Finding) -> bool {
+        self.accepted
+            .iter()
+            .any(|a| a.fingerprint == f.fingerprint && a.rule == f.rule && a.path == f.path)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Baseline> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading baseline {}", path.display()))?;
+        let b: Baseline = serde_json::from_str(&text)
+            .with_context(|| format!("parsing baseline {}", path.display()))?;
+        anyhow::ensure!(
+            b.version == Self::VERSION,
+            "baseline {}: unsupported version {}",
+            path.display(),
+            b.version
+        );
+        Ok(b)
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of strings and integers always serialises.
+        serde_json::to_string_pretty(self).expect("baseline serialises") + "\n"
+    }
+}
+
+/// Split findings into new and accepted.
+pub fn apply_baseline(report: &mut ScanReport, baseline: &Baseline) {
+    let (accepted, findings) = std::mem::take(&mut report.findings)
+        .into_iter()
+        .partition(|f| baseline.accepts(f));
+    report.findings = findings;
+    report.accepted = accepted;
+}
+
+pub fn to_json(report: &ScanReport) -> String {
+    // Plain data; serialisation cannot fail.
+    serde_json::to_string_pretty(report).expect("report serialises") + "\n"
+}
+
+pub fn write_text(out: &mut impl io::Write, report: &ScanReport, rules: &[Rule]) -> io::Result<()> {
+    for f in &report.findings {
+        let sev = rules
+            .iter()
+            .find(|r| r.id() == f.rule)
+            .map_or("high", |r| r.spec.severity.as_str());
+        writeln!(
+            out,
+            "{}:{}:{}: {} [{}] {} (fingerprint {})",
+            f.path, f.line, f.column, f.rule, sev, f.preview, f.fingerprint
+        )?;
+    }
+    let s = &report.stats;
+    writeln!(
+        out,
+        "{} finding(s), {} accepted; {} files, {} bytes, {} binary, {} over size cap, {} errors, {} ms",
+        report.findings.len(),
+        report.accepted.len(),
+        s.files,
+        s.bytes,
+        s.skipped_binary,
+        s.skipped_large,
+        s.errors,
+        s.elapsed_ms
+    )
+}
+
+fn sarif_level(s: Severity) -> &'static str {
+    match s {
+        Severity::High => "error",
+        Severity::Medium => "warning",
+        Severity::Low => "note",
+    }
+}
+
+/// SARIF 2.1.0, as GitHub code scanning accepts it: rules in the driver,
+/// relative artifact URIs, 1-based regions, partial fingerprints.
+pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
+    use serde_json::json;
+    let driver_rules: Vec<_> = rules
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id(),
+                "name": r.id(),
+                "shortDescription": { "text": r.spec.name },
+                "fullDescription": { "text": format!("{} ({})", r.spec.name, r.source()) },
+                "help": { "text": "Remove the credential from the host (and rotate it), or accept it with a baseline." },
+                "defaultConfiguration": { "level": sarif_level(r.spec.severity) },
+                "properties": { "tags": ["security", "secret"], "security-severity": match r.spec.severity {
+                    Severity::High => "8.0", Severity::Medium => "5.0", Severity::Low => "3.0" } },
+            })
+        })
+        .collect();
+    let results: Vec<_> = report
+        .findings
+        .iter()
+        .map(|f| {
+            let (index, level) = rules
+                .iter()
+                .position(|r| r.id() == f.rule)
+                .map_or((0, "error"), |i| (i, sarif_level(rules[i].spec.severity)));
+            json!({
+                "ruleId": f.rule,
+                "ruleIndex": index,
+                "level": level,
+                "message": { "text": format!("{} found (preview {}, fingerprint {})", f.rule, f.preview, f.fingerprint) },
+                "locations": [{
+                    "physicalLocation": {
+                        "artifactLocation": { "uri": uri_escape(&f.path), "uriBaseId": "ROOT" },
+                        "region": { "startLine": f.line, "startColumn": f.column },
+                    }
+                }],
+                "partialFingerprints": { "amiprepSecret/v1": f.fingerprint },
+            })
+        })
+        .collect();
+    let doc = json!({
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [{
+            "tool": { "driver": {
+                "name": "amiprep-agent scan",
+                "semanticVersion": env!("CARGO_PKG_VERSION"),
+                "informationUri": "https://github.com/amiprep/amiprep",
+                "rules": driver_rules,
+            }},
+            "originalUriBaseIds": { "ROOT": { "uri": "file:///" } },
+            "columnKind": "unicodeCodePoints",
+            "results": results,
+        }],
+    });
+    // A json! value always serialises.
+    serde_json::to_string_pretty(&doc).expect("SARIF serialises") + "\n"
+}
+
+/// Percent-encode what may not appear raw in a relative URI reference.
+fn uri_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    // Relative to the ROOT base (`file:///`) even for absolute PATH scans.
+    for b in path.trim_start_matches('/').bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(path: &str) -> Finding {
+        Finding {
+            rule: "generic-secret".into(),
+            path: path.into(),
+            line: 3,
+            column: 7,
+            fingerprint: "ab".repeat(32),
+            preview: "Kq2Z…".into(),
+        }
+    }
+
+    #[test]
+    fn baseline_accepts_by_fingerprint_rule_and_path() {
+        let mut r = ScanReport {
+            findings: vec![finding("etc/a"), finding("etc/b")],
+            ..Default::default()
+        };
+        let b = Baseline::from_findings(&r.findings[..1]);
+        let b: Baseline = serde_json::from_str(&b.to_json()).expect("round trip");
+        apply_baseline(&mut r, &b);
+        assert_eq!(r.findings, vec![finding("etc/b")]);
+        assert_eq!(r.accepted, vec![finding("etc/a")]);
+    }
+
+    #[test]
+    fn json_shape() {
+        let r = ScanReport {
+            findings: vec![finding("etc/a")],
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&to_json(&r)).expect("json");
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["accepted", "findings", "stats"]);
+        let f: Vec<&String> = v["findings"][0].as_object().expect("obj").keys().collect();
+        assert_eq!(
+            f,
+            ["column", "fingerprint", "line", "path", "preview", "rule"]
+        );
+        let s: Vec<&String> = v["stats"].as_object().expect("obj").keys().collect();
+        assert_eq!(
+            s,
+            [
+                "bytes",
+                "elapsed_ms",
+                "errors",
+                "files",
+                "skipped_binary",
+                "skipped_large"
+            ]
+        );
+    }
+
+    #[test]
+    fn uri_escaping() {
+        assert_eq!(uri_escape("etc/my file#1"), "etc/my%20file%231");
+    }
+}

@@ -1,0 +1,349 @@
+//! `amiprep-agent scan` end to end: the quality gates of the scanner.
+//! - a clean Debian root yields nothing but real private keys;
+//! - a generated host-like fixture: every planted credential found, by the
+//!   expected rule, and no look-alike reported;
+//! - no output format (nor stderr) ever contains a planted value;
+//! - host-aware walking: hard links and copies reported at every path,
+//!   symlinks not followed, FIFOs not opened, the size cap counted;
+//! - exit codes, baselines, SARIF structure, `rules list` / `rules check`.
+
+#[path = "scan_support/fixture.rs"]
+mod fixture;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_amiprep-agent"))
+}
+
+fn run(args: &[&str]) -> Output {
+    agent().args(args).output().expect("run amiprep-agent")
+}
+
+fn scan_json(root: &Path, extra: &[&str]) -> (i32, Value, String) {
+    let mut args = vec![
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8 path"),
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("scan output is not JSON ({e}); stderr: {stderr}"));
+    (out.status.code().unwrap_or(-1), v, stderr)
+}
+
+fn findings(v: &Value, key: &str) -> Vec<Value> {
+    v[key].as_array().cloned().unwrap_or_default()
+}
+
+fn debian_root() -> PathBuf {
+    let p = std::env::var_os("AMIPREP_DEBIAN_ROOT").map_or_else(
+        || PathBuf::from("/root/.cache/amiprep-tests/debian-bookworm-minbase"),
+        PathBuf::from,
+    );
+    assert!(
+        p.join("etc/debian_version").exists(),
+        "no debootstrapped Debian root at {} (set AMIPREP_DEBIAN_ROOT, or run scripts/test-env.sh to build it)",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn scan_clean_debian_root_reports_only_private_keys() {
+    let root = debian_root();
+    let (code, v, stderr) = scan_json(&root, &[]);
+    let f = findings(&v, "findings");
+    let other: Vec<&Value> = f
+        .iter()
+        .filter(|x| !x["rule"].as_str().unwrap_or("").starts_with("private-key-"))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "findings on a clean Debian root: {other:#?}"
+    );
+    assert_eq!(code, if f.is_empty() { 0 } else { 1 }, "stderr: {stderr}");
+    let files = v["stats"]["files"].as_u64().unwrap_or(0);
+    assert!(files > 3000, "only {files} files scanned: {}", v["stats"]);
+    assert_eq!(v["stats"]["errors"], 0, "{stderr}");
+}
+
+#[test]
+fn scan_fixture_finds_every_planted_credential_and_no_lookalike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx = fixture::generate(dir.path());
+    let (code, v, stderr) = scan_json(dir.path(), &[]);
+    assert_eq!(code, 1, "stderr: {stderr}");
+    let f = findings(&v, "findings");
+    let mut missing = Vec::new();
+    for p in &fx.planted {
+        let hit = f.iter().any(|x| {
+            let line = x["line"].as_u64().unwrap_or(0);
+            x["path"] == p.path.as_str()
+                && x["rule"] == p.rule.as_str()
+                && (p.lines.0..=p.lines.1).contains(&line)
+        });
+        if !hit {
+            missing.push(format!("{} {} lines {:?}", p.rule, p.path, p.lines));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "planted credentials not found:\n{}",
+        missing.join("\n")
+    );
+    let planted_rules: BTreeSet<&str> = fx.planted.iter().map(|p| p.rule.as_str()).collect();
+    assert!(
+        planted_rules.len() >= 40,
+        "fixture covers {} rules",
+        planted_rules.len()
+    );
+    let flagged: Vec<&Value> = f
+        .iter()
+        .filter(|x| fx.lookalikes.iter().any(|l| x["path"] == l.as_str()))
+        .collect();
+    assert!(flagged.is_empty(), "look-alikes reported: {flagged:#?}");
+    // Nothing beyond what was planted.
+    assert_eq!(
+        f.len(),
+        fx.planted.len(),
+        "unexpected extra findings: {f:#?}"
+    );
+    for x in &f {
+        assert_eq!(x["fingerprint"].as_str().map(str::len), Some(64));
+        assert!(x["preview"].as_str().is_some_and(|p| p.ends_with('…')));
+    }
+}
+
+#[test]
+fn scan_never_prints_a_secret_in_any_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx = fixture::generate(dir.path());
+    let root = dir.path().to_str().expect("utf-8");
+    let base = dir.path().join("baseline.json");
+    let mut outputs = Vec::new();
+    for format in ["text", "json", "sarif"] {
+        let out = run(&[
+            "scan",
+            "--root",
+            root,
+            "--format",
+            format,
+            "--write-baseline",
+            base.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        outputs.push((format.to_owned(), out.stdout));
+        outputs.push((format!("{format} stderr"), out.stderr));
+        outputs.push((
+            "baseline".to_owned(),
+            std::fs::read(&base).expect("baseline"),
+        ));
+    }
+    for p in &fx.planted {
+        // Multi-line key bodies: check each line of the value.
+        for needle in p.value.lines().filter(|l| l.len() >= 6) {
+            for (what, bytes) in &outputs {
+                assert!(
+                    memchr_find(bytes, needle.as_bytes()).is_none(),
+                    "{what} output contains the planted {} value",
+                    p.rule
+                );
+            }
+        }
+    }
+}
+
+fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn scan_exit_codes_and_baseline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::write(root.join("etc/motd"), "welcome\n").expect("write");
+    let (code, v, _) = scan_json(&root, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(findings(&v, "findings").len(), 0);
+
+    std::fs::write(
+        root.join("etc/app.conf"),
+        "client_secret = Vd4KyZk3Qp9Vt7Lw2Xr5\n",
+    )
+    .expect("write");
+    let base = dir.path().join("baseline.json");
+    let b = base.to_str().expect("utf-8");
+    let (code, v, _) = scan_json(&root, &["--write-baseline", b]);
+    assert_eq!(code, 1);
+    assert_eq!(findings(&v, "findings").len(), 1);
+    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(findings(&v, "findings").len(), 0);
+    assert_eq!(findings(&v, "accepted").len(), 1);
+    assert_eq!(findings(&v, "accepted")[0]["path"], "etc/app.conf");
+
+    // A new secret is not covered by the old baseline.
+    std::fs::write(
+        root.join("etc/other.conf"),
+        "api_key = Kq2ZtW9xLm4VbN8cYp3J\n",
+    )
+    .expect("write");
+    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    assert_eq!(code, 1);
+    assert_eq!(findings(&v, "findings")[0]["path"], "etc/other.conf");
+
+    // Errors: a missing root is exit 2; a bad baseline too.
+    assert_eq!(
+        run(&["scan", "--root", "/nonexistent/amiprep"])
+            .status
+            .code(),
+        Some(2)
+    );
+    std::fs::write(&base, "not json").expect("write");
+    assert_eq!(
+        run(&[
+            "scan",
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--baseline",
+            b
+        ])
+        .status
+        .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn scan_dedupes_content_but_reports_every_path_and_stays_safe() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::create_dir_all(root.join("home/a")).expect("mkdir");
+    let secret = format!("DB_PASSWORD={}\n", "Kq2ZtW9xLm4VbN8c");
+    std::fs::write(root.join("etc/app.env"), &secret).expect("write");
+    std::fs::hard_link(root.join("etc/app.env"), root.join("home/a/link.env")).expect("link");
+    std::fs::write(root.join("home/a/copy.env"), &secret).expect("write");
+    // A secret outside the root, reachable only through a symlink.
+    let outside = dir.path().join("outside.env");
+    std::fs::write(&outside, "API_KEY=Yh8Jn4Bc1R7kq2ZtW9xL\n").expect("write");
+    std::os::unix::fs::symlink(&outside, root.join("etc/outside.env")).expect("symlink");
+    std::os::unix::fs::symlink(dir.path(), root.join("home/up")).expect("symlink");
+    // A FIFO: opening it for reading would block forever.
+    let fifo = root.join("etc/pipe");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("cstring");
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A large file over the cap.
+    std::fs::write(root.join("etc/big.log"), vec![b'a'; 4096]).expect("write");
+
+    let (code, v, stderr) = scan_json(&root, &["--max-file-size", "1024"]);
+    assert_eq!(code, 1, "{stderr}");
+    let paths: BTreeSet<String> = findings(&v, "findings")
+        .iter()
+        .map(|f| f["path"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let want: BTreeSet<String> = ["etc/app.env", "home/a/copy.env", "home/a/link.env"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    assert_eq!(paths, want);
+    let fps: BTreeSet<String> = findings(&v, "findings")
+        .iter()
+        .filter_map(|f| f["fingerprint"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(fps.len(), 1, "one secret, one fingerprint");
+    assert_eq!(v["stats"]["skipped_large"], 1);
+    assert_eq!(v["stats"]["files"], 4);
+    // The copy and the hard link were not read again.
+    assert_eq!(v["stats"]["bytes"].as_u64(), Some(2 * secret.len() as u64));
+}
+
+#[test]
+fn scan_skips_host_pseudo_filesystems() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for d in ["proc/1", "sys/kernel", "dev", "run/secrets", "etc"] {
+        std::fs::create_dir_all(dir.path().join(d)).expect("mkdir");
+    }
+    for f in ["proc/1/environ", "sys/kernel/x", "dev/x", "run/secrets/db"] {
+        std::fs::write(dir.path().join(f), "DB_PASSWORD=Kq2ZtW9xLm4VbN8c\n").expect("write");
+    }
+    let (code, v, _) = scan_json(dir.path(), &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["stats"]["files"], 0);
+}
+
+#[test]
+fn scan_paths_and_sarif() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx = fixture::generate(dir.path());
+    let file = dir.path().join("root/.aws/credentials");
+    let out = run(&["scan", "--format", "sarif", file.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("SARIF is JSON");
+    assert_eq!(v["version"], "2.1.0");
+    assert!(v["$schema"].as_str().is_some_and(|s| s.contains("sarif")));
+    let run0 = &v["runs"][0];
+    let rules = run0["tool"]["driver"]["rules"].as_array().expect("rules");
+    assert!(rules.len() >= 40);
+    let results = run0["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3, "{results:#?}");
+    for r in results {
+        let idx = r["ruleIndex"].as_u64().expect("ruleIndex") as usize;
+        assert_eq!(rules[idx]["id"], r["ruleId"]);
+        assert!(r["message"]["text"].as_str().is_some_and(|t| !t.is_empty()));
+        let loc = &r["locations"][0]["physicalLocation"];
+        assert!(
+            loc["artifactLocation"]["uri"]
+                .as_str()
+                .is_some_and(|u| u.ends_with("root/.aws/credentials") && !u.starts_with('/'))
+        );
+        assert!(loc["region"]["startLine"].as_u64().is_some_and(|l| l >= 1));
+        assert!(r["partialFingerprints"].is_object());
+    }
+    let _ = fx;
+}
+
+#[test]
+fn scan_rules_list_and_check() {
+    let out = run(&["rules", "list"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for id in [
+        "aws-secret-access-key",
+        "private-key-putty",
+        "docker-config-auth",
+        "generic-secret",
+    ] {
+        assert!(text.contains(id), "{id} missing from rules list");
+    }
+    let out = run(&["rules", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes the fixture for the benchmark script (scripts/bench-scan.sh):
+/// `AMIPREP_SCAN_FIXTURE=DIR cargo test -p amiprep-agent --test scan -- --ignored write_fixture`
+#[test]
+#[ignore = "writes the benchmark fixture; run by scripts/bench-scan.sh"]
+fn write_fixture() {
+    let dir = std::env::var_os("AMIPREP_SCAN_FIXTURE").expect("AMIPREP_SCAN_FIXTURE");
+    let root = fixture::write_to(Path::new(&dir));
+    eprintln!("fixture at {}", root.display());
+}
