@@ -2,6 +2,8 @@
 //! binary and the tests share.
 
 pub mod cli;
+pub mod policy;
 pub mod prepare;
 pub mod safefs;
 pub mod scan;
+pub mod steps;

@@ -29,8 +29,8 @@ mod ops;
 mod walk;
 
 pub use ops::{
-    Removal, RemoveError, Usage, read_beneath, remove_beneath, stat_beneath, truncate_beneath,
-    usage_beneath, write_file_beneath,
+    Removal, RemoveError, Usage, read_beneath, remove_beneath, stat_beneath, symlink_beneath,
+    truncate_beneath, usage_beneath, write_file_beneath,
 };
 pub use walk::{Control, Entry, Event, WalkOptions, WalkStats, walk};
 
@@ -395,6 +395,41 @@ fn open_beneath_by_component(root: &Root, rel: &Path, flags: OFlag) -> io::Resul
         cur = next;
     }
     Ok(cur)
+}
+
+/// Whether `rel` lives on a file system that keeps its data in memory only
+/// (tmpfs, ramfs), so nothing in it can end up in an image. `rel` is
+/// resolved beneath the root without symlinks but, unlike everything else
+/// here, across mount points: it only looks, it never opens for I/O.
+pub fn is_memory_fs_beneath(root: &Root, rel: &Path) -> io::Result<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let rel = clean_rel(rel)?;
+    let target: &Path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        &rel
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let fd =
+        nix::fcntl::openat2(root.as_fd(), target, how).map_err(|e| with_context(e.into(), &rel))?;
+    let mut buf = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fd` is a live descriptor and `buf` writable memory of the
+    // right size, filled by the kernel on success.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), buf.as_mut_ptr()) } != 0 {
+        return Err(with_context(io::Error::last_os_error(), &rel));
+    }
+    // SAFETY: fstatfs returned 0, so the buffer is initialised.
+    let st = unsafe { buf.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs per target
+    let magic = st.f_type as i64;
+    Ok(magic == TMPFS_MAGIC || magic == RAMFS_MAGIC)
 }
 
 /// Resolves the parent directory of `rel` beneath `root` (as an `O_PATH`

@@ -311,3 +311,42 @@ pub fn write_file_beneath(root: &Root, rel: &Path, contents: &[u8], mode: u32) -
     nix::unistd::fsync(&dir).map_err(|e| with_context(e.into(), &rel))?;
     Ok(())
 }
+
+/// Creates symlink `rel` → `target` beneath `root`, atomically replacing a
+/// file or link already there (never a directory). The target is stored as
+/// given and never resolved here.
+pub fn symlink_beneath(root: &Root, rel: &Path, target: &Path) -> io::Result<()> {
+    let rel = clean_rel(rel)?;
+    let (parent, name) = open_parent(root, &rel)?;
+    if let Ok(m) = statx_at(parent.as_fd(), &name)
+        && m.kind == Kind::Dir
+    {
+        return Err(with_context(
+            io::Error::new(io::ErrorKind::InvalidInput, "is a directory"),
+            &rel,
+        ));
+    }
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(
+        ".amiprep-{}-{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    nix::unistd::symlinkat(target, parent.as_fd(), tmp_name.as_os_str())
+        .map_err(|e| with_context(e.into(), &rel))?;
+    if let Err(e) = nix::fcntl::renameat(
+        parent.as_fd(),
+        tmp_name.as_os_str(),
+        parent.as_fd(),
+        name.as_os_str(),
+    ) {
+        let _ = nix::unistd::unlinkat(
+            parent.as_fd(),
+            tmp_name.as_os_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
+        return Err(with_context(e.into(), &rel));
+    }
+    Ok(())
+}

@@ -423,3 +423,91 @@ fn remove_refuses_root_and_parent_escapes() {
     assert!(rm.gone && rm.entries_removed == 0);
     assert!(root.join("tmp").is_dir());
 }
+
+/// Runs `f` on a fresh thread whose effective capabilities lack
+/// CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so root meets permission errors
+/// like anyone else (capabilities are per thread on Linux).
+fn without_dac_override<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    std::thread::spawn(move || {
+        let mut h = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) },
+            0
+        );
+        // CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2.
+        d[0].effective &= !((1 << 1) | (1 << 2));
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) },
+            0
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn permission_errors_are_reported_and_the_walk_goes_on() {
+    let (_t, root, _) = setup();
+    fs::create_dir_all(root.join("a/locked/inner")).unwrap();
+    fs::write(root.join("a/locked/inner/f"), b"x").unwrap();
+    fs::write(root.join("a/z"), b"after").unwrap();
+    fs::write(root.join("a/unreadable"), b"secret").unwrap();
+    fs::set_permissions(root.join("a/unreadable"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::set_permissions(root.join("a/locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    let (seen, errors, read_err) = without_dac_override(move || {
+        let r = Root::open(&root).unwrap();
+        let mut seen = Vec::new();
+        let mut errors = Vec::new();
+        let mut read_err = None;
+        let stats = walk(&r, Path::new("a"), &WalkOptions::default(), |ev| {
+            match ev {
+                Event::Entry(e) => {
+                    if e.name == "unreadable" {
+                        read_err = e.open_file().err().map(|e| e.kind());
+                    }
+                    seen.push(e.rel.to_path_buf());
+                }
+                Event::Error { rel, error } => errors.push((rel.to_path_buf(), error.kind())),
+                Event::MountPoint { .. } => {}
+            }
+            Control::Continue
+        })
+        .unwrap();
+        assert_eq!(stats.errors, 1);
+        (seen, errors, read_err)
+    });
+    assert_eq!(
+        errors,
+        vec![(
+            PathBuf::from("a/locked"),
+            std::io::ErrorKind::PermissionDenied
+        )]
+    );
+    assert_eq!(
+        seen,
+        vec![
+            PathBuf::from("a"),
+            "a/locked".into(),
+            "a/unreadable".into(),
+            "a/z".into()
+        ]
+    );
+    assert_eq!(read_err, Some(std::io::ErrorKind::PermissionDenied));
+}
