@@ -4,9 +4,9 @@
 //! planning helpers built on [`crate::safefs`].
 
 pub mod identity;
-pub mod scan;
 pub mod logs;
 pub mod packages;
+pub mod scan;
 pub mod services;
 pub mod temp;
 pub mod user_traces;

@@ -61,6 +61,13 @@ impl Step for Scan {
                         report.findings.len()
                     ));
                 }
+                // A scan that could not read everything cannot call the host clean.
+                if report.stats.errors > 0 {
+                    out.errors.push(format!(
+                        "{} path(s) could not be scanned",
+                        report.stats.errors
+                    ));
+                }
                 for p in report.problems.iter().take(20) {
                     out.warnings.push(p.clone());
                 }
