@@ -14,13 +14,19 @@ mkdir -p "$cache"
 
 log() { printf 'test-env: %s\n' "$*" >&2; }
 
+# --moto-only: just the EC2 stand-in (what scripts/demo needs).
+moto_only=0
+[ "${1:-}" = "--moto-only" ] && moto_only=1
+
 need_pkgs=()
+if [ "$moto_only" = 0 ]; then
 command -v debootstrap >/dev/null || need_pkgs+=(debootstrap)
 command -v rpm >/dev/null || need_pkgs+=(rpm)
 command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 command -v mkfifo >/dev/null || need_pkgs+=(coreutils)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg-dev)
 command -v apt-ftparchive >/dev/null || need_pkgs+=(apt-utils)
+fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then need_pkgs+=(python3-venv); fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -33,7 +39,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 root="$cache/debian-$suite-minbase"
-if [ ! -e "$root/.amiprep-complete" ]; then
+if [ "$moto_only" = 0 ] && [ ! -e "$root/.amiprep-complete" ]; then
     [ "$(id -u)" -eq 0 ] || { log "building the Debian root needs root"; exit 1; }
     log "building $root with debootstrap (once; cached)"
     rm -rf "$root.tmp"

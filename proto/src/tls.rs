@@ -154,9 +154,12 @@ pub fn check_validity(
 
 /// Formats a time as RFC 3339 (UTC), for messages.
 pub fn rfc3339(t: SystemTime) -> String {
+    // Fixed millisecond precision keeps columns aligned in listings.
+    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     let t = time::OffsetDateTime::from(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| format!("{t}"))
+    t.format(FORMAT).unwrap_or_else(|_| format!("{t}"))
 }
 
 fn roots(path: &Path) -> Result<RootCertStore, TlsError> {

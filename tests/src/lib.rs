@@ -546,48 +546,57 @@ impl Moto {
 
     /// The same in another region.
     pub fn client_in(&self, region: &str) -> aws_sdk_ec2::Client {
-        use aws_smithy_http_client::{Builder, tls};
-        let http = Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let config = aws_sdk_ec2::Config::builder()
-            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
-            .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
-            .endpoint_url(self.endpoint())
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                "testing", "testing", None, None, "moto",
-            ))
-            .http_client(http)
-            .build();
-        aws_sdk_ec2::Client::from_conf(config)
+        ec2_client(&self.endpoint(), region)
     }
 
     /// Launches one instance from moto's first listed image; returns its id.
     pub async fn run_instance(&self) -> String {
-        let ec2 = self.client();
-        let images = ec2.describe_images().send().await.expect("DescribeImages");
-        let image = images
-            .images()
-            .iter()
-            .find_map(|i| i.image_id())
-            .expect("moto lists images")
-            .to_owned();
-        let out = ec2
-            .run_instances()
-            .image_id(image)
-            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-            .min_count(1)
-            .max_count(1)
-            .send()
-            .await
-            .expect("RunInstances");
-        out.instances()[0]
-            .instance_id()
-            .expect("instance id")
-            .to_owned()
+        run_instance(&self.client()).await
     }
+}
+
+/// An SDK client for a local EC2-compatible endpoint, with test credentials.
+pub fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    use aws_smithy_http_client::{Builder, tls};
+    let http = Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new(region.to_owned()))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .http_client(http)
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+/// Launches one instance from the endpoint's first listed image; returns its id.
+pub async fn run_instance(ec2: &aws_sdk_ec2::Client) -> String {
+    let images = ec2.describe_images().send().await.expect("DescribeImages");
+    let image = images
+        .images()
+        .iter()
+        .find_map(|i| i.image_id())
+        .expect("moto lists images")
+        .to_owned();
+    let out = ec2
+        .run_instances()
+        .image_id(image)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .expect("RunInstances");
+    out.instances()[0]
+        .instance_id()
+        .expect("instance id")
+        .to_owned()
 }
 
 /// A syntactically valid OpenSSH public key line with random key material.

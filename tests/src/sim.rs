@@ -255,3 +255,57 @@ fn first_boot(root: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A small host root: identity, logs, temp files, a history.
+pub fn template_root(dir: &Path) -> PathBuf {
+    let root = dir.join("template");
+    for d in [
+        "etc/ssh",
+        "var/log",
+        "tmp",
+        "var/tmp",
+        "root",
+        "home/alice",
+        "var/lib/dbus",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("writing the template root");
+    }
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+    )
+    .expect("writing the template root");
+    std::fs::write(root.join("etc/hostname"), "source-host\n").expect("writing the template root");
+    // A systemd host with ssh-keygen: prepare installs its first-boot key
+    // generation unit, which the simulator's "boot" stands in for.
+    std::fs::create_dir_all(root.join("usr/lib/systemd")).expect("writing the template root");
+    std::fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants"))
+        .expect("writing the template root");
+    std::fs::create_dir_all(root.join("usr/bin")).expect("writing the template root");
+    std::fs::write(root.join("usr/lib/systemd/systemd"), "").expect("writing the template root");
+    std::fs::write(root.join("usr/bin/ssh-keygen"), "").expect("writing the template root");
+    std::fs::write(
+        root.join("etc/machine-id"),
+        format!("{:032x}\n", rand::random::<u128>()),
+    )
+    .expect("writing the template root");
+    std::fs::write(
+        root.join("etc/ssh/ssh_host_ed25519_key.pub"),
+        crate::fake_host_key("ed25519"),
+    )
+    .expect("writing the template root");
+    std::fs::write(
+        root.join("etc/ssh/ssh_host_ed25519_key"),
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a real key\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .expect("writing the template root");
+    std::fs::write(root.join("var/log/syslog"), "Nov 28 host kernel: boot\n")
+        .expect("writing the template root");
+    std::fs::write(root.join("var/log/syslog.1"), "old\n").expect("writing the template root");
+    std::fs::write(root.join("tmp/build.tmp"), "scratch\n").expect("writing the template root");
+    std::fs::write(root.join("root/.bash_history"), "ls\nuptime\n")
+        .expect("writing the template root");
+    std::fs::write(root.join("home/alice/.bash_history"), "vim notes\n")
+        .expect("writing the template root");
+    root
+}

@@ -34,56 +34,6 @@ pub struct World {
     _work: tempfile::TempDir,
 }
 
-/// A small host root: identity, logs, temp files, a history.
-pub fn template_root(dir: &Path) -> PathBuf {
-    let root = dir.join("template");
-    for d in [
-        "etc/ssh",
-        "var/log",
-        "tmp",
-        "var/tmp",
-        "root",
-        "home/alice",
-        "var/lib/dbus",
-    ] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::write(
-        root.join("etc/os-release"),
-        "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/hostname"), "source-host\n").unwrap();
-    // A systemd host with ssh-keygen: prepare installs its first-boot key
-    // generation unit, which the simulator's "boot" stands in for.
-    std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
-    std::fs::create_dir_all(root.join("etc/systemd/system/multi-user.target.wants")).unwrap();
-    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
-    std::fs::write(root.join("usr/lib/systemd/systemd"), "").unwrap();
-    std::fs::write(root.join("usr/bin/ssh-keygen"), "").unwrap();
-    std::fs::write(
-        root.join("etc/machine-id"),
-        format!("{:032x}\n", rand::random::<u128>()),
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("etc/ssh/ssh_host_ed25519_key.pub"),
-        amiprep_tests::fake_host_key("ed25519"),
-    )
-    .unwrap();
-    std::fs::write(
-        root.join("etc/ssh/ssh_host_ed25519_key"),
-        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot a real key\n-----END OPENSSH PRIVATE KEY-----\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("var/log/syslog"), "Nov 28 host kernel: boot\n").unwrap();
-    std::fs::write(root.join("var/log/syslog.1"), "old\n").unwrap();
-    std::fs::write(root.join("tmp/build.tmp"), "scratch\n").unwrap();
-    std::fs::write(root.join("root/.bash_history"), "ls\nuptime\n").unwrap();
-    std::fs::write(root.join("home/alice/.bash_history"), "vim notes\n").unwrap();
-    root
-}
-
 impl World {
     pub fn new(extra_pipeline: &str) -> World {
         Self::with_timeouts(30, extra_pipeline)
@@ -111,7 +61,7 @@ impl World {
             ec2: moto.client(),
             pki: pki.path().to_owned(),
             controller_port: controller.port,
-            template_root: template_root(work.path()),
+            template_root: amiprep_tests::sim::template_root(work.path()),
             work: work.path().join("instances"),
         });
         let source = runtime().block_on(moto.run_instance());
