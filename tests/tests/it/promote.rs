@@ -2,11 +2,7 @@
 //! fault proxy), with the instance simulator running a real agent for every
 //! instance moto reports running.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use amiprep_tests::{
     Controller, ControllerOpts, Moto, Pki, bin,
