@@ -23,6 +23,17 @@ pub struct ControllerConfig {
     pub ec2: Option<crate::ec2::Ec2Section>,
     #[serde(default)]
     pub pipeline: PipelineSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: Prometheus text exposition at `GET /metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// e.g. `127.0.0.1:9464`; unset: no metrics listener.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[pipeline]`: where promotions are kept and how long each wait may take.

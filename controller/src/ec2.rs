@@ -262,7 +262,11 @@ pub async fn client(
     if let Some(url) = endpoint {
         loader = loader.endpoint_url(url);
     }
-    aws_sdk_ec2::Client::new(&loader.load().await)
+    let shared = loader.load().await;
+    let config = aws_sdk_ec2::config::Builder::from(&shared)
+        .interceptor(crate::metrics::Ec2Counter)
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
 }
 
 fn tag(key: &str, value: &str) -> aws_sdk_ec2::types::Tag {

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod ec2;
 pub mod gateway;
+pub mod metrics;
 pub mod naming;
 pub mod pipeline;
 pub mod registry;

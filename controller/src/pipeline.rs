@@ -198,6 +198,12 @@ impl Pipeline {
                 }
             };
             let took = started.elapsed();
+            crate::metrics::global()
+                .step_seconds
+                .get_or_create(&crate::metrics::StateLabel {
+                    state: rec.state.as_str().to_owned(),
+                })
+                .observe(took.as_secs_f64());
             match result {
                 Ok(Step::Next(msg)) => {
                     let Some(next) = rec.state.next(rec.spec.canary) else {

@@ -65,7 +65,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         .ec2
         .as_ref()
         .map(|e| Arc::new(crate::ec2::Ec2::new(e.clone())) as Arc<dyn crate::ec2::Cloud>);
-    let pipeline = match (&cloud, &cfg.ec2) {
+    let pipeline: Option<Arc<crate::pipeline::Pipeline>> = match (&cloud, &cfg.ec2) {
         (Some(cloud), Some(ec2)) => {
             let store = Arc::new(crate::store::Store::open(&cfg.pipeline.state_db)?);
             let p = crate::pipeline::Pipeline::new(
@@ -86,6 +86,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
             None
         }
     };
+    let pipeline_store = pipeline.as_ref().map(|p| p.store.clone());
     let gateway = Gateway {
         registry: registry.clone(),
         verifier: p.verifier,
@@ -146,6 +147,34 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
             }
         });
 
+    let metrics = {
+        let registry = registry.clone();
+        let store = pipeline_store.clone();
+        let listen = cfg.metrics.listen;
+        async move {
+            let Some(addr) = listen else {
+                return std::future::pending::<anyhow::Result<()>>().await;
+            };
+            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                let m = crate::metrics::global();
+                m.agents
+                    .set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
+                if let Some(store) = &store
+                    && let Ok(list) = store.list()
+                {
+                    for s in crate::state::ALL {
+                        let n = list.iter().filter(|r| r.state == s).count();
+                        m.promotions
+                            .get_or_create(&crate::metrics::StateLabel {
+                                state: s.as_str().to_owned(),
+                            })
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+            });
+            crate::metrics::serve(addr, refresh).await
+        }
+    };
     let timeout = Duration::from_secs(cfg.sessions.heartbeat_timeout_secs.into());
     let reaper = {
         let registry = registry.clone();
@@ -164,6 +193,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         r = agents_server => r.context("agent gateway"),
         r = admin_server => r.context("admin API"),
         () = reaper => Ok(()),
+        r = metrics => r.context("metrics listener"),
         _ = shutdown.changed() => Ok(()),
     };
     let _ = std::fs::remove_file(&cfg.listen.admin_socket);

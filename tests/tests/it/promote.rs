@@ -219,7 +219,10 @@ fn stdout(o: &std::process::Output) -> String {
 
 #[test]
 fn happy_path_with_canary_and_copy_to_second_region() {
-    let w = World::new("");
+    let metrics_port = amiprep_tests::free_port();
+    let w = World::new(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+    ));
     let policy = w.policy_file();
     let out = w.amiprep(&[
         "promote",
@@ -293,6 +296,29 @@ fn happy_path_with_canary_and_copy_to_second_region() {
     );
     assert!(w.live_others().is_empty(), "{:?}", w.live_others());
     assert_eq!(w.source_state(), "stopped");
+
+    // Prometheus metrics reflect the promotion.
+    let metrics = scrape(metrics_port);
+    for needle in [
+        "amiprep_promotions{state=\"promoted\"} 1",
+        "amiprep_ec2_calls_total{action=\"CreateImage\"} 1",
+        "amiprep_ec2_calls_total{action=\"CopyImage\"} 1",
+        "amiprep_step_duration_seconds_count{state=\"verifying-canary\"} 1",
+        "amiprep_agents_connected ",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing in\n{metrics}");
+    }
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }
 
 /// Runs `amiprep promote SOURCE ...` with the test policy.
