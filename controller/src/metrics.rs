@@ -143,7 +143,7 @@ pub async fn serve(addr: SocketAddr, refresh: Arc<dyn Fn() + Send + Sync>) -> an
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let refresh = refresh.clone();
                     async move {
-                        let resp = if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/metrics" {
                             refresh();
                             http::Response::builder()
                                 .header(
