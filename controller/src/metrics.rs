@@ -155,8 +155,7 @@ pub async fn serve(addr: SocketAddr, refresh: Arc<dyn Fn() + Send + Sync>) -> an
                             http::Response::builder()
                                 .status(404)
                                 .body(Full::new(bytes::Bytes::new()))
-                        };
-                        resp
+                        }
                     }
                 });
             let _ = hyper::server::conn::http1::Builder::new()
