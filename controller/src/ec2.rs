@@ -22,6 +22,9 @@ pub struct Ec2Section {
     /// Admit an agent only if DescribeInstances shows its instance running.
     #[serde(default = "yes")]
     pub verify_instances: bool,
+    /// The AWS account promotions run in; agents of other accounts are refused.
+    #[serde(default)]
+    pub account_id: Option<String>,
     /// Maximum attempts per call (adaptive retry).
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,

@@ -27,6 +27,8 @@ pub struct Gateway {
     pub hello_timeout: Duration,
     /// When set, an agent's instance must exist and be running.
     pub cloud: Option<Arc<dyn Cloud>>,
+    /// When set, an agent's identity must name this account.
+    pub account: Option<String>,
 }
 
 /// Who an admitted agent is.
@@ -40,7 +42,19 @@ pub struct VerifiedIdentity {
 
 /// The EC2 cross-check: a verified identity counts only for an instance
 /// that exists, runs, and belongs to the account the identity names.
-pub fn cross_check(who: &VerifiedIdentity, facts: Option<&InstanceFacts>) -> Result<(), Status> {
+pub fn cross_check(
+    who: &VerifiedIdentity,
+    facts: Option<&InstanceFacts>,
+    account: Option<&str>,
+) -> Result<(), Status> {
+    if let Some(account) = account
+        && who.account_id != account
+    {
+        return Err(Status::permission_denied(format!(
+            "instance {} is in account {:?}, not the configured account {account}",
+            who.instance_id, who.account_id
+        )));
+    }
     let Some(facts) = facts else {
         return Err(Status::permission_denied(format!(
             "instance {} does not exist in {} (DescribeInstances)",
@@ -80,7 +94,7 @@ impl Gateway {
                         Status::permission_denied(e.to_string())
                     }
                 })?;
-            cross_check(&who, facts.as_ref())?;
+            cross_check(&who, facts.as_ref(), self.account.as_deref())?;
         }
         Ok(who)
     }
@@ -288,14 +302,16 @@ mod tests {
 
     #[test]
     fn cross_check_requires_existing_running_instance_of_the_account() {
-        assert!(cross_check(&who(), Some(&facts("running", Some("123456789012")))).is_ok());
-        assert!(cross_check(&who(), Some(&facts("running", None))).is_ok());
-        let e = cross_check(&who(), None).unwrap_err();
+        assert!(cross_check(&who(), Some(&facts("running", Some("123456789012"))), None).is_ok());
+        assert!(cross_check(&who(), Some(&facts("running", None)), Some("123456789012")).is_ok());
+        let e = cross_check(&who(), Some(&facts("running", None)), Some("999999999999")).unwrap_err();
+        assert!(e.message().contains("not the configured account"), "{e:?}");
+        let e = cross_check(&who(), None, None).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("does not exist"));
-        let e = cross_check(&who(), Some(&facts("stopped", None))).unwrap_err();
+        let e = cross_check(&who(), Some(&facts("stopped", None)), None).unwrap_err();
         assert!(e.message().contains("stopped, not running"), "{e:?}");
-        let e = cross_check(&who(), Some(&facts("running", Some("999999999999")))).unwrap_err();
+        let e = cross_check(&who(), Some(&facts("running", Some("999999999999"))), None).unwrap_err();
         assert!(
             e.message().contains("belongs to account 999999999999"),
             "{e:?}"

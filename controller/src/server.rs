@@ -96,6 +96,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         cloud: cloud
             .clone()
             .filter(|_| cfg.ec2.as_ref().is_some_and(|e| e.verify_instances)),
+        account: cfg.ec2.as_ref().and_then(|e| e.account_id.clone()),
     };
 
     let listener = TcpListener::bind(cfg.listen.agents)

@@ -26,6 +26,9 @@ struct Args {
     /// Launch one source instance and print its id.
     #[arg(long)]
     launch_source: bool,
+    /// Launch this many source instances, printing one id per line.
+    #[arg(long, default_value_t = 0)]
+    launch: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,7 +45,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    if args.launch_source {
+    let count = args.launch.max(u32::from(args.launch_source));
+    for _ in 0..count {
         let id = rt.block_on(amiprep_tests::run_instance(&ec2));
         println!("{id}");
     }
