@@ -7,5 +7,6 @@ mod client;
 mod config;
 mod ec2;
 mod identity;
+mod packaging;
 mod session;
 mod tls;
