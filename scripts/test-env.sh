@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs and caches everything amiprep's tests need, idempotently:
 #   - Debian packages: debootstrap, rpm, systemd (systemd-analyze), python3-venv
-#   - a `debootstrap --variant=minbase` Debian root (cached)
+#   - a `debootstrap --variant=minbase` Debian root (cached), and a second one
+#     with systemd, to install the amiprep packages into (cached)
+#   - cargo-deb and cargo-generate-rpm (scripts/package), pinned
 #   - a Python venv with a pinned moto[server] (EC2 stand-in for the tests)
 # Prints `export` lines for the locations; scripts/test evaluates them.
 set -euo pipefail
@@ -50,6 +52,34 @@ if [ "$moto_only" = 0 ] && [ ! -e "$root/.amiprep-complete" ]; then
     touch "$root/.amiprep-complete"
 fi
 
+# The packaging tests install the .deb files into a copy of this root: like
+# a real image it has systemd (units to verify and enable, systemd-sysusers).
+sysroot="$cache/debian-$suite-systemd"
+if [ "$moto_only" = 0 ] && [ ! -e "$sysroot/.amiprep-complete" ]; then
+    [ "$(id -u)" -eq 0 ] || { log "building the Debian root needs root"; exit 1; }
+    log "building $sysroot with debootstrap (once; cached)"
+    rm -rf "$sysroot.tmp"
+    debootstrap --variant=minbase --include=systemd "$suite" "$sysroot.tmp" "$mirror" \
+        >"$cache/debootstrap-systemd.log" 2>&1 \
+        || { tail -20 "$cache/debootstrap-systemd.log" >&2; exit 1; }
+    rm -rf "$sysroot"
+    mv "$sysroot.tmp" "$sysroot"
+    touch "$sysroot/.amiprep-complete"
+fi
+
+# Packaging tools for scripts/package, from crates.io, pinned.
+cargo_deb_version="3.8.0"
+cargo_generate_rpm_version="0.21.1"
+installed="$(cargo install --list 2>/dev/null || true)"
+if [ "$moto_only" = 0 ] && ! grep -q "^cargo-deb v$cargo_deb_version:" <<<"$installed"; then
+    log "installing cargo-deb $cargo_deb_version"
+    cargo install --locked --quiet cargo-deb --version "$cargo_deb_version" >&2
+fi
+if [ "$moto_only" = 0 ] && ! grep -q "^cargo-generate-rpm v$cargo_generate_rpm_version:" <<<"$installed"; then
+    log "installing cargo-generate-rpm $cargo_generate_rpm_version"
+    cargo install --locked --quiet cargo-generate-rpm --version "$cargo_generate_rpm_version" >&2
+fi
+
 venv="$cache/venv-moto-$moto_version"
 if [ ! -x "$venv/bin/moto_server" ]; then
     log "creating $venv with moto[server]==$moto_version"
@@ -59,4 +89,5 @@ if [ ! -x "$venv/bin/moto_server" ]; then
 fi
 
 echo "export AMIPREP_DEBIAN_ROOT='$root'"
+echo "export AMIPREP_DEBIAN_SYSTEMD_ROOT='$sysroot'"
 echo "export AMIPREP_MOTO_SERVER='$venv/bin/moto_server'"

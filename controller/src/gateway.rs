@@ -304,14 +304,16 @@ mod tests {
     fn cross_check_requires_existing_running_instance_of_the_account() {
         assert!(cross_check(&who(), Some(&facts("running", Some("123456789012"))), None).is_ok());
         assert!(cross_check(&who(), Some(&facts("running", None)), Some("123456789012")).is_ok());
-        let e = cross_check(&who(), Some(&facts("running", None)), Some("999999999999")).unwrap_err();
+        let e =
+            cross_check(&who(), Some(&facts("running", None)), Some("999999999999")).unwrap_err();
         assert!(e.message().contains("not the configured account"), "{e:?}");
         let e = cross_check(&who(), None, None).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("does not exist"));
         let e = cross_check(&who(), Some(&facts("stopped", None)), None).unwrap_err();
         assert!(e.message().contains("stopped, not running"), "{e:?}");
-        let e = cross_check(&who(), Some(&facts("running", Some("999999999999"))), None).unwrap_err();
+        let e =
+            cross_check(&who(), Some(&facts("running", Some("999999999999"))), None).unwrap_err();
         assert!(
             e.message().contains("belongs to account 999999999999"),
             "{e:?}"

@@ -6,8 +6,10 @@
 //! them over real mTLS on 127.0.0.1. Build them first (`scripts/test` does):
 //! `cargo build --workspace --bins`.
 
+pub mod ec2_actions;
 pub mod fault;
 pub mod imds;
+pub mod packages;
 pub mod sim;
 
 use std::{

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod ec2;
 mod identity;
+mod packaging;
 mod promote;
 mod session;
 mod tls;
