@@ -151,14 +151,12 @@ impl Store {
             "INSERT INTO promotions (id, spec, region, state, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
             params![id, serde_json::to_string(spec)?, region, PromotionState::Pending.as_str(), now as i64],
         )?;
-        tx.execute(
-            "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                id,
-                now as i64,
-                PromotionState::Pending.as_str(),
-                format!("promotion of {} accepted", spec.instance_id)
-            ],
+        insert_event(
+            &tx,
+            id,
+            now as i64,
+            PromotionState::Pending.as_str(),
+            &format!("promotion of {} accepted", spec.instance_id),
         )?;
         tx.commit()?;
         Ok(())
@@ -173,10 +171,7 @@ impl Store {
             "UPDATE promotions SET state = ?2, updated_ms = ?3 WHERE id = ?1",
             params![id, state.as_str(), now],
         )?;
-        tx.execute(
-            "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
-            params![id, now, state.as_str(), message],
-        )?;
+        insert_event(&tx, id, now, state.as_str(), message)?;
         tx.commit()?;
         Ok(())
     }
@@ -190,14 +185,12 @@ impl Store {
             "UPDATE promotions SET state = ?2, failed_in = COALESCE(failed_in, ?3), failure_reason = COALESCE(failure_reason, ?4), updated_ms = ?5 WHERE id = ?1",
             params![id, PromotionState::CleaningUp.as_str(), failed_in.as_str(), reason, now],
         )?;
-        tx.execute(
-            "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                id,
-                now,
-                PromotionState::CleaningUp.as_str(),
-                format!("failed in {failed_in}: {reason}")
-            ],
+        insert_event(
+            &tx,
+            id,
+            now,
+            PromotionState::CleaningUp.as_str(),
+            &format!("failed in {failed_in}: {reason}"),
         )?;
         tx.commit()?;
         Ok(())
@@ -205,10 +198,7 @@ impl Store {
 
     /// Adds a message to the history without changing state.
     pub fn note(&self, id: &str, state: PromotionState, message: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
-            params![id, now_ms() as i64, state.as_str(), message],
-        )?;
+        insert_event(&self.conn(), id, now_ms() as i64, state.as_str(), message)?;
         Ok(())
     }
 
@@ -314,6 +304,20 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(events)
     }
+}
+
+/// One line of a promotion's history; part of the caller's transaction.
+fn insert_event(
+    conn: &Connection,
+    id: &str,
+    at_ms: i64,
+    state: &str,
+    message: &str,
+) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
+        params![id, at_ms, state, message],
+    )
 }
 
 fn resources(conn: &Connection, id: &str) -> anyhow::Result<Vec<Resource>> {
