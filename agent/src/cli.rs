@@ -14,20 +14,8 @@ pub struct RunArgs {
     pub config: PathBuf,
 }
 
-/// Logs go to stderr (journald under systemd); `AMIPREP_LOG` filters them.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AMIPREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
 pub fn run(args: RunArgs) -> ExitCode {
-    init_logging();
+    amiprep_proto::logging::init();
     let config = match AgentConfig::load(&args.config) {
         Ok(c) => c,
         Err(e) => {

@@ -156,17 +156,6 @@ enum CertsCommand {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AMIPREP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -310,7 +299,7 @@ fn promote(args: PromoteArgs) -> ExitCode {
 }
 
 fn serve(config_path: PathBuf, allow_static: bool) -> ExitCode {
-    init_logging();
+    amiprep_proto::logging::init();
     let config = match config::ControllerConfig::load(&config_path) {
         Ok(c) => c,
         Err(e) => {

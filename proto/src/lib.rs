@@ -5,6 +5,7 @@
 //! controller cannot drift apart on versions, ALPN or certificate checks.
 
 pub mod config;
+pub mod logging;
 pub mod tls;
 
 /// Generated protobuf and gRPC code for package `amiprep.v1`.
