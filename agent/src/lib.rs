@@ -12,3 +12,4 @@ pub mod safefs;
 pub mod scan;
 pub mod session;
 pub mod steps;
+pub mod verify;

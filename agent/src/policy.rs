@@ -33,13 +33,22 @@ pub struct ScanPolicy {
     pub baseline: Option<PathBuf>,
     /// Files larger than this are counted, not read.
     pub max_file_size: u64,
+    /// Private keys an image that carries the agent is expected to hold:
+    /// the agent's own client key where the package puts it. Only
+    /// private-key findings in exactly these files are set aside (and
+    /// listed as expected); the same key anywhere else is a finding.
+    pub expected_keys: Vec<PathBuf>,
 }
+
+/// Where the packaged agent keeps its client key.
+pub const AGENT_KEY: &str = "/etc/amiprep/pki/agent.key";
 
 impl Default for ScanPolicy {
     fn default() -> Self {
         ScanPolicy {
             baseline: None,
             max_file_size: crate::scan::DEFAULT_MAX_FILE_SIZE,
+            expected_keys: vec![PathBuf::from(AGENT_KEY)],
         }
     }
 }
@@ -53,6 +62,13 @@ pub struct StepsPolicy {
     pub only: Vec<crate::steps::StepName>,
     /// Never run these steps.
     pub skip: Vec<crate::steps::StepName>,
+}
+
+impl StepsPolicy {
+    /// Whether this selection lets step `s` run.
+    pub fn selects(&self, s: crate::steps::StepName) -> bool {
+        (self.only.is_empty() || self.only.contains(&s)) && !self.skip.contains(&s)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,6 +317,12 @@ impl Policy {
                     .package_caches
                     .iter()
                     .map(|p| ("user_traces.package_caches", p)),
+            )
+            .chain(
+                self.scan
+                    .expected_keys
+                    .iter()
+                    .map(|p| ("scan.expected_keys", p)),
             );
         for (key, p) in paths {
             let rel = crate::safefs::clean_rel(p).map_err(|e| (key.to_string(), e.to_string()))?;

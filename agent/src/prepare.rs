@@ -73,10 +73,11 @@ pub struct PrepareOptions {
 impl PrepareOptions {
     /// Selected by the command line and by the policy's `[steps]`.
     fn selected(&self, s: StepName, policy: &Policy) -> bool {
-        let picked = |only: &[StepName], skip: &[StepName]| {
-            (only.is_empty() || only.contains(&s)) && !skip.contains(&s)
+        let cli = crate::policy::StepsPolicy {
+            only: self.only.clone(),
+            skip: self.skip.clone(),
         };
-        picked(&self.only, &self.skip) && picked(&policy.steps.only, &policy.steps.skip)
+        cli.selects(s) && policy.steps.selects(s)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use amiprep_proto::v1::{Check, Report, VerifyExpectations, VerifyResult};
+use amiprep_proto::v1::Report;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
@@ -28,6 +28,24 @@ pub fn record_boot_identity(root: &Path) {
         "identity at start recorded"
     );
     let _ = BOOT_FACTS.set(facts);
+}
+
+/// The running agent's client key, root-relative, when it lies beneath the
+/// root it prepares (a live host): expected in the image, never a finding.
+static OWN_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records where the agent's own client key is (call once, at start).
+pub fn record_own_key(root: &Path, key: &Path) {
+    if let (Ok(root), Ok(key)) = (std::fs::canonicalize(root), std::fs::canonicalize(key))
+        && let Ok(rel) = key.strip_prefix(&root)
+    {
+        let _ = OWN_KEY.set(rel.display().to_string());
+    }
+}
+
+/// The agent's own client key beneath its root, if any.
+pub fn own_key() -> Option<String> {
+    OWN_KEY.get().cloned()
 }
 
 /// Reads the machine id and SSH host key fingerprints beneath `root`.
@@ -75,69 +93,6 @@ pub fn key_fingerprint(line: &str) -> Option<String> {
         "SHA256:{}",
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(bytes))
     ))
-}
-
-/// Checks a freshly booted copy of a prepared host against its source.
-pub fn verify(root: &Path, promotion_id: &str, exp: &VerifyExpectations) -> VerifyResult {
-    let facts = identity_facts(root);
-    let mut checks = Vec::new();
-    checks.push(match &facts.machine_id_sha256 {
-        None => Check {
-            name: "machine-id regenerated".into(),
-            ok: false,
-            detail: "this host has no machine id (still uninitialized?)".into(),
-        },
-        Some(_) if exp.source_machine_id_sha256.is_empty() => Check {
-            name: "machine-id regenerated".into(),
-            ok: false,
-            detail: "the source's machine id was not recorded".into(),
-        },
-        Some(h) if *h == exp.source_machine_id_sha256 => Check {
-            name: "machine-id regenerated".into(),
-            ok: false,
-            detail: "same machine id as the source instance".into(),
-        },
-        Some(_) => Check {
-            name: "machine-id regenerated".into(),
-            ok: true,
-            detail: "differs from the source's".into(),
-        },
-    });
-    let reused: Vec<&String> = facts
-        .host_key_fingerprints
-        .iter()
-        .filter(|f| exp.source_host_key_fingerprints.contains(f))
-        .collect();
-    checks.push(if !reused.is_empty() {
-        Check {
-            name: "ssh host keys regenerated".into(),
-            ok: false,
-            detail: format!("source host key(s) present: {reused:?}"),
-        }
-    } else if facts.host_key_fingerprints.is_empty() && !exp.source_host_key_fingerprints.is_empty()
-    {
-        Check {
-            name: "ssh host keys regenerated".into(),
-            ok: false,
-            detail: "the source had host keys; this host has none".into(),
-        }
-    } else {
-        Check {
-            name: "ssh host keys regenerated".into(),
-            ok: true,
-            detail: format!(
-                "{} key(s), none from the source",
-                facts.host_key_fingerprints.len()
-            ),
-        }
-    });
-    let ok = checks.iter().all(|c| c.ok);
-    VerifyResult {
-        promotion_id: promotion_id.to_owned(),
-        ok,
-        checks,
-        error: String::new(),
-    }
 }
 
 /// Runs `prepare` for the controller. The identity is captured first, so the
@@ -251,46 +206,5 @@ mod tests {
         let fp = key_fingerprint(KEY).unwrap();
         assert!(fp.starts_with("SHA256:") && fp.len() == 7 + 43, "{fp}");
         assert!(key_fingerprint("garbage").is_none());
-    }
-
-    #[test]
-    fn verify_tells_a_regenerated_identity_from_a_copied_one() {
-        let source = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(source.path().join("etc/ssh")).unwrap();
-        std::fs::write(
-            source.path().join("etc/machine-id"),
-            "0123456789abcdef0123456789abcdef\n",
-        )
-        .unwrap();
-        std::fs::write(source.path().join("etc/ssh/ssh_host_ed25519_key.pub"), KEY).unwrap();
-        let facts = identity_facts(source.path());
-        let exp = VerifyExpectations {
-            source_machine_id_sha256: facts.machine_id_sha256.clone().unwrap(),
-            source_host_key_fingerprints: facts.host_key_fingerprints.clone(),
-            policy_toml: String::new(),
-        };
-        // A clone that kept the source's identity fails both checks.
-        let r = verify(source.path(), "p", &exp);
-        assert!(!r.ok);
-        assert!(r.checks.iter().all(|c| !c.ok), "{r:?}");
-        // A clone with a new machine id and no host keys fails on the keys.
-        let clone = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(clone.path().join("etc/ssh")).unwrap();
-        std::fs::write(
-            clone.path().join("etc/machine-id"),
-            "fedcba9876543210fedcba9876543210\n",
-        )
-        .unwrap();
-        let r = verify(clone.path(), "p", &exp);
-        assert!(!r.ok);
-        assert!(r.checks[0].ok && !r.checks[1].ok, "{r:?}");
-        // ... and passes once it has keys of its own.
-        let other = KEY.replace("AAAAIHhS8", "AAAAIHhS9");
-        std::fs::write(clone.path().join("etc/ssh/ssh_host_ed25519_key.pub"), other).unwrap();
-        let r = verify(clone.path(), "p", &exp);
-        assert!(r.ok, "{r:?}");
-        // An uninitialized machine id is not a regenerated one.
-        std::fs::write(clone.path().join("etc/machine-id"), "uninitialized\n").unwrap();
-        assert!(!verify(clone.path(), "p", &exp).ok);
     }
 }

@@ -70,6 +70,7 @@ impl Agent {
             IdentitySource::Static => None,
         };
         crate::requests::record_boot_identity(&config.root);
+        crate::requests::record_own_key(&config.root, &config.tls.key);
         let addr = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -299,7 +300,7 @@ impl Agent {
                     let id = v.promotion_id.clone();
                     let exp = v.expectations.unwrap_or_default();
                     let result = tokio::task::spawn_blocking(move || {
-                        crate::requests::verify(&root, &v.promotion_id, &exp)
+                        crate::verify::verify(&root, &v.promotion_id, &exp)
                     })
                     .await
                     .unwrap_or_else(|e| amiprep_proto::v1::VerifyResult {

@@ -29,8 +29,8 @@ mod ops;
 mod walk;
 
 pub use ops::{
-    Removal, RemoveError, Usage, read_beneath, remove_beneath, stat_beneath, symlink_beneath,
-    truncate_beneath, usage_beneath, write_file_beneath,
+    Removal, RemoveError, Usage, read_beneath, read_link_beneath, remove_beneath, stat_beneath,
+    symlink_beneath, truncate_beneath, usage_beneath, write_file_beneath,
 };
 pub use walk::{Control, Entry, Event, WalkOptions, WalkStats, walk};
 

@@ -198,6 +198,22 @@ pub fn stat_beneath(root: &Root, rel: &Path) -> io::Result<Option<Meta>> {
     }
 }
 
+/// The target of symlink `rel` beneath `root`, as stored (never resolved).
+/// `Ok(None)` when `rel` does not exist; an error when it is not a symlink.
+pub fn read_link_beneath(root: &Root, rel: &Path) -> io::Result<Option<PathBuf>> {
+    let rel = clean_rel(rel)?;
+    let (parent, name) = match open_parent(root, &rel) {
+        Ok(x) => x,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match nix::fcntl::readlinkat(parent.as_fd(), name.as_os_str()) {
+        Ok(t) => Ok(Some(PathBuf::from(t))),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(with_context(e.into(), &rel)),
+    }
+}
+
 /// Reads regular file `rel` beneath `root`, at most `limit` bytes.
 pub fn read_beneath(root: &Root, rel: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let f = super::open_regular_beneath(root, rel)?;

@@ -56,6 +56,23 @@ impl ScanReport {
     pub fn is_clean(&self) -> bool {
         self.findings.is_empty()
     }
+
+    /// Moves private-key findings in exactly the files `expected` names
+    /// (root-relative; a leading `/` is ignored) out of `findings`, and
+    /// returns them. Other rules in those files, and the same key in any
+    /// other file, stay findings.
+    pub fn set_aside_expected_keys(&mut self, expected: &[String]) -> Vec<Finding> {
+        let (set_aside, keep): (Vec<Finding>, Vec<Finding>) = std::mem::take(&mut self.findings)
+            .into_iter()
+            .partition(|f| {
+                f.rule.starts_with("private-key")
+                    && expected
+                        .iter()
+                        .any(|e| e.trim_start_matches('/') == f.path.trim_start_matches('/'))
+            });
+        self.findings = keep;
+        set_aside
+    }
 }
 
 /// Accepted findings, matched by fingerprint, rule and path.

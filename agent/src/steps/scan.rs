@@ -54,7 +54,8 @@ impl Step for Scan {
             ..ScanOptions::default()
         };
         match scan_root(cx.root, &opts) {
-            Ok(report) => {
+            Ok(mut report) => {
+                let expected = report.set_aside_expected_keys(&expected_keys(cx.policy));
                 if !report.findings.is_empty() {
                     out.errors.push(format!(
                         "{} credential finding(s) not accepted by the baseline",
@@ -74,6 +75,7 @@ impl Step for Scan {
                 for (key, value) in [
                     ("findings", serde_json::to_value(&report.findings)),
                     ("accepted", serde_json::to_value(&report.accepted)),
+                    ("expected_keys", serde_json::to_value(&expected)),
                     ("stats", serde_json::to_value(&report.stats)),
                 ] {
                     if let Ok(v) = value {
@@ -86,6 +88,21 @@ impl Step for Scan {
     }
 }
 
-fn load_baseline(path: &std::path::Path) -> Result<Baseline, String> {
+/// The private keys the image may carry: the policy's, plus the running
+/// agent's own client key when it lies beneath the root being prepared.
+pub fn expected_keys(policy: &crate::policy::Policy) -> Vec<String> {
+    let mut keys: Vec<String> = policy
+        .scan
+        .expected_keys
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if let Some(own) = crate::requests::own_key() {
+        keys.push(own);
+    }
+    keys
+}
+
+pub fn load_baseline(path: &std::path::Path) -> Result<Baseline, String> {
     Baseline::load(path).map_err(|e| format!("scan baseline: {e:#}"))
 }

@@ -629,3 +629,43 @@ fn hostname_is_set_per_policy_keeping_owner_and_mode() {
     assert_eq!(code, 0);
     assert_eq!(fs::read(f.path("etc/hostname")).unwrap(), b"golden-base\n");
 }
+
+#[test]
+fn the_agents_own_key_is_expected_but_a_copy_of_it_is_a_finding() {
+    // A PKCS#8 body the private-key rules accept (not a usable key).
+    let key = b"-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgVcB/UNPxalR9zDYA\njQIfjojUDiQuGnSJrFEEzZPT/92hRANCAASc7UJtgnF/abqWM60T3XNJEzBv5ez9\n-----END PRIVATE KEY-----\n";
+    let f = Fixture::new();
+    f.write("etc/amiprep/pki/agent.key", key);
+    let (code, r) = f.agent_json(&["--only", "scan"]);
+    assert_eq!(code, 0, "{r:#}");
+    let s = step(&r, "scan");
+    assert_eq!(
+        s["details"]["findings"].as_array().unwrap().len(),
+        0,
+        "{s:#}"
+    );
+    assert_eq!(
+        s["details"]["expected_keys"][0]["path"],
+        "etc/amiprep/pki/agent.key"
+    );
+    // The same key copied elsewhere blocks readiness.
+    f.write("root/backup/agent.key", key);
+    let (code, r) = f.agent_json(&["--only", "scan"]);
+    assert_eq!(code, 1, "{r:#}");
+    let s = step(&r, "scan");
+    assert_eq!(
+        s["details"]["findings"][0]["path"], "root/backup/agent.key",
+        "{s:#}"
+    );
+    // A policy that expects nothing reports the agent's key too.
+    let p = f.write("policy.toml", b"[scan]\nexpected_keys = []\n");
+    let (code, r) = f.agent_json(&["--only", "scan", "--policy", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(
+        step(&r, "scan")["details"]["findings"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
