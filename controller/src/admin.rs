@@ -55,6 +55,7 @@ pub fn to_proto(rec: &PromotionRecord) -> Promotion {
         manifest_path: rec.manifest_path.clone().unwrap_or_default(),
         report_json: rec.report_json.clone().unwrap_or_default(),
         report_sha256: rec.report_sha256.clone().unwrap_or_default(),
+        last_message: rec.last_message.clone(),
     }
 }
 

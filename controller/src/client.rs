@@ -209,6 +209,9 @@ pub mod promotions {
             Ok(true)
         } else {
             eprintln!("promotion {} {}: {}", p.id, p.state, p.failure_reason);
+            if !p.last_message.is_empty() && p.last_message != p.failure_reason {
+                eprintln!("{}", p.last_message);
+            }
             Ok(false)
         }
     }
@@ -221,6 +224,7 @@ pub mod promotions {
             "image_name": p.image_name,
             "image_id": p.image_id,
             "failure_reason": p.failure_reason,
+            "last_message": p.last_message,
             "created": time(p.created_unix_ms),
             "updated": time(p.updated_unix_ms),
             "resources": p.resources,
@@ -251,6 +255,9 @@ pub mod promotions {
         );
         if !p.failure_reason.is_empty() {
             s.push_str(&format!("reason     {}\n", p.failure_reason));
+        }
+        if !p.last_message.is_empty() {
+            s.push_str(&format!("last       {}\n", p.last_message));
         }
         if !p.manifest_path.is_empty() {
             s.push_str(&format!("manifest   {}\n", p.manifest_path));

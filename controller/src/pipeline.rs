@@ -1014,6 +1014,7 @@ impl Pipeline {
         };
         let reason = rec.failure_reason.clone().unwrap_or_default();
         if rec.spec.keep_on_failure {
+            let source = self.settle_source(rec).await?;
             let kept: Vec<String> = rec
                 .resources
                 .iter()
@@ -1023,7 +1024,7 @@ impl Pipeline {
             return Ok(Step::Finish(
                 final_state,
                 format!(
-                    "{reason}; kept (--keep-on-failure): {}",
+                    "{reason}; kept (--keep-on-failure): {}{source}",
                     if kept.is_empty() {
                         "nothing".into()
                     } else {
@@ -1107,10 +1108,43 @@ impl Pipeline {
                 removed += 1;
             }
         }
+        let source = self.settle_source(rec).await?;
         Ok(Step::Finish(
             final_state,
-            format!("{reason}; removed {removed} resource(s) this promotion created"),
+            format!("{reason}; removed {removed} resource(s) this promotion created{source}"),
         ))
+    }
+
+    /// After a failure or cancel, says what became of the source instance.
+    /// A promotion that got as far as stopping it starts it again only under
+    /// `--after start`; a failed promotion never terminates it.
+    async fn settle_source(&self, rec: &PromotionRecord) -> Result<String, StepError> {
+        let source = &rec.spec.instance_id;
+        if matches!(
+            rec.failed_in,
+            None | Some(PromotionState::Pending | PromotionState::Preparing)
+        ) {
+            return Ok(String::new()); // never stopped
+        }
+        let Some(facts) = self.cloud.describe_instance(&rec.region, source).await? else {
+            return Ok(format!("; source {source} no longer exists"));
+        };
+        let start = rec.spec.after == "start";
+        Ok(match facts.state.as_str() {
+            "stopped" if start => {
+                self.cloud.start_instance(&rec.region, source).await?;
+                format!("; source {source} started again (--after start)")
+            }
+            "stopping" if start => {
+                return Err(StepError::Retry(format!(
+                    "source {source} is still stopping; it is started again once stopped"
+                )));
+            }
+            "stopped" | "stopping" => {
+                format!("; source {source} left stopped (--after start starts it again on failure)")
+            }
+            other => format!("; source {source} is {other}"),
+        })
     }
 }
 

@@ -59,6 +59,9 @@ pub struct PromotionRecord {
     pub created_ms: u64,
     pub updated_ms: u64,
     pub resources: Vec<Resource>,
+    /// The latest history line: progress while running; at the end, what
+    /// cleanup removed or kept and what became of the source.
+    pub last_message: String,
 }
 
 impl PromotionRecord {
@@ -258,7 +261,7 @@ impl Store {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT id, spec, region, state, failed_in, failure_reason, cancel_requested, report_json, report_sha256, manifest_path, created_ms, updated_ms FROM promotions WHERE id = ?1",
+                "SELECT id, spec, region, state, failed_in, failure_reason, cancel_requested, report_json, report_sha256, manifest_path, created_ms, updated_ms, (SELECT message FROM events e WHERE e.promotion_id = promotions.id ORDER BY e.seq DESC LIMIT 1) FROM promotions WHERE id = ?1",
                 params![id],
                 row_to_record,
             )
@@ -273,7 +276,7 @@ impl Store {
     pub fn list(&self) -> anyhow::Result<Vec<PromotionRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, spec, region, state, failed_in, failure_reason, cancel_requested, report_json, report_sha256, manifest_path, created_ms, updated_ms FROM promotions ORDER BY created_ms, id",
+            "SELECT id, spec, region, state, failed_in, failure_reason, cancel_requested, report_json, report_sha256, manifest_path, created_ms, updated_ms, (SELECT message FROM events e WHERE e.promotion_id = promotions.id ORDER BY e.seq DESC LIMIT 1) FROM promotions ORDER BY created_ms, id",
         )?;
         let rows: Vec<anyhow::Result<PromotionRecord>> = stmt
             .query_map([], row_to_record)?
@@ -357,6 +360,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<Promo
             created_ms: r.get::<_, i64>(10)? as u64,
             updated_ms: r.get::<_, i64>(11)? as u64,
             resources: Vec::new(),
+            last_message: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
             id: id.clone(),
         })
     })())

@@ -1,6 +1,10 @@
 //! A fault-injecting proxy in front of moto: throttling, 500s, dropped
 //! connections, latency, and images held `pending` or turned `failed` —
 //! the ways EC2 misbehaves that a promotion must survive.
+//!
+//! moto does not implement `EnableImageDeprecation`; the proxy answers it
+//! as EC2 does (`<return>true</return>`) and records the image and time
+//! asked for, so a test can check what the controller sent.
 
 use std::{
     net::SocketAddr,
@@ -44,6 +48,8 @@ pub struct Stats {
     pub dropped: u64,
     /// `(Action, count)` of requests forwarded.
     pub actions: Vec<(String, u64)>,
+    /// `(ImageId, DeprecateAt)` of every `EnableImageDeprecation` answered.
+    pub deprecations: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -133,11 +139,36 @@ fn ec2_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Byt
 }
 
 fn action_of(body: &[u8]) -> String {
-    String::from_utf8_lossy(body)
+    param(body, "Action").unwrap_or_else(|| "?".into())
+}
+
+/// A form parameter of an EC2 query request, percent-decoded.
+fn param(body: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let raw = text
         .split('&')
-        .find_map(|kv| kv.strip_prefix("Action="))
-        .unwrap_or("?")
-        .to_owned()
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    let mut out = Vec::new();
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn handle(
@@ -199,6 +230,19 @@ async fn handle(
             Some((_, c)) => *c += 1,
             None => s.stats.actions.push((action.clone(), 1)),
         }
+    }
+    if action == "EnableImageDeprecation" {
+        let image = param(&body, "ImageId").unwrap_or_default();
+        let at = param(&body, "DeprecateAt").unwrap_or_default();
+        shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .deprecations
+            .push((image, at));
+        return Ok(Response::new(Full::new(Bytes::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<EnableImageDeprecationResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>amiprep-fault-proxy</requestId><return>true</return></EnableImageDeprecationResponse>",
+        ))));
     }
     // Forward.
     let tcp = tokio::net::TcpStream::connect(upstream).await?;

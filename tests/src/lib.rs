@@ -602,6 +602,29 @@ pub async fn run_instance(ec2: &aws_sdk_ec2::Client) -> String {
 }
 
 /// A syntactically valid OpenSSH public key line with random key material.
+/// An OpenSSH private key file the scanner recognises as one (random
+/// bytes in the key container's shape, not a usable key).
+pub fn fake_private_key() -> String {
+    use base64::Engine;
+    let mut blob = b"openssh-key-v1\0".to_vec();
+    for field in [&b"none"[..], b"none", b""] {
+        blob.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        blob.extend_from_slice(field);
+    }
+    blob.extend_from_slice(&1u32.to_be_bytes());
+    blob.extend((0..200).map(|_| rand::random::<u8>()));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(blob);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(70)
+        .map(|c| std::str::from_utf8(c).unwrap_or_default())
+        .collect();
+    format!(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\n{}\n-----END OPENSSH PRIVATE KEY-----\n",
+        lines.join("\n")
+    )
+}
+
 pub fn fake_host_key(kind: &str) -> String {
     use base64::Engine;
     let name = format!("ssh-{kind}");

@@ -6,7 +6,7 @@
 //! as systemd and the first-boot key generation would make them.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -26,9 +26,18 @@ struct Running {
 #[derive(Default)]
 struct State {
     running: HashMap<String, Running>,
+    /// Being started by a worker thread.
+    starting: HashSet<String>,
     roots: HashMap<String, PathBuf>,
+    /// Files every canary's first boot writes (root-relative path, content):
+    /// what a boot script that fetches credentials would leave.
+    canary_plants: Vec<(PathBuf, String)>,
     log: Vec<String>,
 }
+
+/// Instances started at once: agents and their fake IMDS are processes, and
+/// a few hundred instances must come up in seconds, not one after another.
+const START_WORKERS: usize = 16;
 
 pub struct Simulator {
     stop: Arc<AtomicBool>,
@@ -87,6 +96,28 @@ impl Simulator {
             .cloned()
     }
 
+    /// From now on, every canary's first boot writes `content` at `rel`.
+    pub fn plant_in_canaries(&self, rel: &str, content: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .canary_plants
+            .push((PathBuf::from(rel), content.to_owned()));
+    }
+
+    /// Sends `sig` (as `kill -SIG`) to the agent of `instance`; false if it
+    /// has none.
+    pub fn signal_agent(&self, instance: &str, sig: &str) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.running.get(instance) {
+            Some(r) => {
+                r.agent.proc.signal(sig);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Instances with a live agent process.
     pub fn running(&self) -> Vec<String> {
         let mut v: Vec<String> = self
@@ -122,7 +153,7 @@ impl Drop for Simulator {
 
 async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
     let out = cfg.ec2.describe_instances().send().await?;
-    let mut seen = Vec::new();
+    let mut to_start = Vec::new();
     for r in out.reservations() {
         for i in r.instances() {
             let id = i.instance_id().unwrap_or_default().to_owned();
@@ -138,44 +169,72 @@ async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
                     .and_then(|t| t.value())
                     .map(str::to_owned)
             };
-            seen.push(id.clone());
-            let is_running = state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .running
-                .contains_key(&id);
-            if st == "running" && !is_running {
-                let root = instance_root(
-                    cfg,
-                    state,
-                    &id,
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            let known = s.running.contains_key(&id) || s.starting.contains(&id);
+            if st == "running" && !known {
+                s.starting.insert(id.clone());
+                to_start.push((
+                    id,
                     tag("amiprep:role").as_deref() == Some("canary"),
                     tag("amiprep:source-instance"),
-                )?;
-                let pki = Pki::at(&cfg.pki);
-                let imds = FakeImds::start(&pki, &id, "aws-identity");
-                let agent = Agent::start_with_root(
-                    &pki,
-                    cfg.controller_port,
-                    AgentIdentity::Imds(&imds),
-                    &id,
-                    Some(&root),
-                );
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                ));
+            } else if st != "running"
+                && let Some(r) = s.running.remove(&id)
+            {
+                let text = r.agent.proc.log_text();
                 s.log
-                    .push(format!("started agent for {id} over {}", root.display()));
-                s.running.insert(id, Running { _imds: imds, agent });
-            } else if st != "running" && is_running {
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(r) = s.running.remove(&id) {
-                    let text = r.agent.proc.log_text();
-                    s.log
-                        .push(format!("stopped agent for {id} ({st}); its log:\n{text}"));
-                }
+                    .push(format!("stopped agent for {id} ({st}); its log:\n{text}"));
             }
         }
     }
+    // Sources first: a canary's root is a copy of its source's.
+    to_start.sort_by_key(|(_, canary, _)| *canary);
+    let queue = Mutex::new(to_start.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..START_WORKERS {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some((id, canary, source)) = next else {
+                        break;
+                    };
+                    let started = start_instance(cfg, state, &id, canary, source);
+                    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                    s.starting.remove(&id);
+                    match started {
+                        Ok((root, running)) => {
+                            s.log
+                                .push(format!("started agent for {id} over {}", root.display()));
+                            s.running.insert(id, running);
+                        }
+                        Err(e) => s.log.push(format!("starting {id}: {e:#}")),
+                    }
+                }
+            });
+        }
+    });
     Ok(())
+}
+
+/// Boots one instance: its root, its fake IMDS, its agent.
+fn start_instance(
+    cfg: &SimConfig,
+    state: &Mutex<State>,
+    id: &str,
+    canary: bool,
+    source: Option<String>,
+) -> anyhow::Result<(PathBuf, Running)> {
+    let root = instance_root(cfg, state, id, canary, source)?;
+    let pki = Pki::at(&cfg.pki);
+    let imds = FakeImds::start(&pki, id, "aws-identity");
+    let agent = Agent::start_with_root(
+        &pki,
+        cfg.controller_port,
+        AgentIdentity::Imds(&imds),
+        id,
+        Some(&root),
+    );
+    Ok((root, Running { _imds: imds, agent }))
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -224,6 +283,18 @@ fn instance_root(
             .ok_or_else(|| anyhow::anyhow!("canary {id}: source root unknown"))?;
         copy_tree(&src, &root)?;
         first_boot(&root)?;
+        let plants = state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .canary_plants
+            .clone();
+        for (rel, content) in plants {
+            let path = root.join(rel);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(path, content)?;
+        }
     } else {
         copy_tree(&cfg.template_root, &root)?;
     }
@@ -237,7 +308,7 @@ fn instance_root(
 
 /// What a first boot does to identity: systemd writes a machine id when
 /// /etc/machine-id is `uninitialized` (or empty), and the first-boot key
-/// generation creates host keys that are missing.
+/// generation creates host key pairs that are missing.
 fn first_boot(root: &Path) -> anyhow::Result<()> {
     let mid = root.join("etc/machine-id");
     let current = std::fs::read_to_string(&mid).unwrap_or_default();
@@ -250,6 +321,10 @@ fn first_boot(root: &Path) -> anyhow::Result<()> {
             let pubkey = ssh.join(format!("ssh_host_{kind}_key.pub"));
             if !pubkey.exists() {
                 std::fs::write(&pubkey, crate::fake_host_key(kind))?;
+                std::fs::write(
+                    ssh.join(format!("ssh_host_{kind}_key")),
+                    crate::fake_private_key(),
+                )?;
             }
         }
     }
@@ -284,6 +359,14 @@ pub fn template_root(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(root.join("usr/bin")).expect("writing the template root");
     std::fs::write(root.join("usr/lib/systemd/systemd"), "").expect("writing the template root");
     std::fs::write(root.join("usr/bin/ssh-keygen"), "").expect("writing the template root");
+    // A service a policy may disable.
+    std::fs::create_dir_all(root.join("usr/lib/systemd/system"))
+        .expect("writing the template root");
+    std::fs::write(
+        root.join("usr/lib/systemd/system/cups.service"),
+        "[Unit]\nDescription=print spooler\n[Service]\nExecStart=/usr/sbin/cupsd -f\n[Install]\nWantedBy=multi-user.target\n",
+    )
+    .expect("writing the template root");
     std::fs::write(
         root.join("etc/machine-id"),
         format!("{:032x}\n", rand::random::<u128>()),

@@ -223,7 +223,12 @@ fn happy_path_with_canary_and_copy_to_second_region() {
     let w = World::new(&format!(
         "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
     ));
-    let policy = w.policy_file();
+    let policy = w.pki.file("policy-services.toml");
+    std::fs::write(
+        &policy,
+        format!("{TEST_POLICY}[services]\ndisable = [\"cups.service\"]\n"),
+    )
+    .unwrap();
     let out = w.amiprep(&[
         "promote",
         &w.source,
@@ -233,6 +238,8 @@ fn happy_path_with_canary_and_copy_to_second_region() {
         "team=platform",
         "--copy-to",
         "us-west-2",
+        "--deprecate-after",
+        "30",
         "--policy",
         policy.to_str().unwrap(),
         "--wait",
@@ -296,6 +303,40 @@ fn happy_path_with_canary_and_copy_to_second_region() {
     );
     assert!(w.live_others().is_empty(), "{:?}", w.live_others());
     assert_eq!(w.source_state(), "stopped");
+    // The canary's agent checked every line of the policy, including the
+    // service the policy disables and a scan of its booted disk (its own
+    // new host private keys are expected there).
+    let history = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        history.contains(
+            "verified: machine-id regenerated, ssh host keys regenerated, services as the policy asked, scan clean"
+        ),
+        "{history}"
+    );
+    let masked =
+        std::fs::read_link(w.source_root().join("etc/systemd/system/cups.service")).unwrap();
+    assert_eq!(masked, PathBuf::from("/dev/null"));
+    // Both images got a deprecation time 30 days out.
+    let deprecations = w.proxy.stats().deprecations;
+    let day = |d: time::OffsetDateTime| {
+        d.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()[..10]
+            .to_owned()
+    };
+    let in_30 = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let mut images: Vec<&str> = deprecations.iter().map(|(i, _)| i.as_str()).collect();
+    images.sort();
+    let mut want = vec![east, west];
+    want.sort();
+    assert_eq!(images, want, "{deprecations:?}");
+    for (_, at) in &deprecations {
+        // Either side of midnight while the test ran.
+        let near = [day(in_30 - time::Duration::hours(1)), day(in_30)];
+        assert!(
+            near.iter().any(|d| at.starts_with(d.as_str())),
+            "{at} vs {near:?}"
+        );
+    }
 
     // Prometheus metrics reflect the promotion.
     let metrics = scrape(metrics_port);
@@ -380,6 +421,63 @@ fn failed_image_is_cleaned_up() {
             .iter()
             .all(|r| r.as_str().unwrap().ends_with("(removed)")),
         "{removed:?}"
+    );
+    // The source was stopped for the image and is left so by default; the
+    // status says so.
+    assert_eq!(w.source_state(), "stopped");
+    let last = s["last_message"].as_str().unwrap();
+    assert!(
+        last.contains(&format!("source {} left stopped", w.source)),
+        "{last}"
+    );
+    assert!(last.contains("removed"), "{last}");
+}
+
+#[test]
+fn a_credential_appearing_on_the_canary_fails_and_the_source_is_started_again() {
+    let w = World::new("");
+    let snapshots_before = w.snapshots_left();
+    // Something in the image writes a key at first boot: the source's scan
+    // cannot see it, the canary's must.
+    let key = amiprep_tests::fake_private_key();
+    w.sim.plant_in_canaries("root/.ssh/id_ed25519", &key);
+    let (out, id) = promote(&w, &["--after", "start", "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = w.status(&id);
+    assert_eq!(s["state"], "failed", "{s}");
+    let reason = s["failure_reason"].as_str().unwrap();
+    assert!(reason.contains("canary verification failed"), "{reason}");
+    assert!(reason.contains("scan clean"), "{reason}");
+    assert!(reason.contains("root/.ssh/id_ed25519"), "{reason}");
+    let body: String = key.lines().nth(1).unwrap().chars().take(40).collect();
+    let everything = format!("{s}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !everything.contains(&body),
+        "key material shown: {everything}"
+    );
+    // Everything created is gone, and the source runs again.
+    assert!(w.images_of(&id, "us-east-1").is_empty());
+    assert_eq!(w.snapshots_left(), snapshots_before);
+    assert!(w.live_others().is_empty(), "{:?}", w.live_others());
+    let last = s["last_message"].as_str().unwrap();
+    assert!(
+        last.contains(&format!(
+            "source {} started again (--after start)",
+            w.source
+        )),
+        "{last}"
+    );
+    assert!(
+        amiprep_tests::wait_for(Duration::from_secs(30), || (w.source_state() == "running")
+            .then_some(()))
+        .is_some(),
+        "source is {}",
+        w.source_state()
     );
 }
 
@@ -481,7 +579,10 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
     let w = World::new("");
     // Each state is held open by delaying the response of the call it makes,
     // after EC2 has acted on it: the crash window that creates orphans.
+    // `preparing` is held by freezing the source's agent instead.
     let cases = [
+        ("pending", "DescribeInstances"),
+        ("preparing", ""),
         ("stopping", "StopInstances"),
         ("creating-image", "CreateImage"),
         ("awaiting-image", "DescribeImages"),
@@ -497,10 +598,15 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
         if w.source_state() != "running" {
             w.restart_source();
         }
-        w.proxy.set(Faults {
-            hold_response: Some((action.to_owned(), Duration::from_secs(3))),
-            ..Default::default()
-        });
+        let frozen = action.is_empty();
+        if frozen {
+            assert!(w.sim.signal_agent(&w.source, "STOP"));
+        } else {
+            w.proxy.set(Faults {
+                hold_response: Some((action.to_owned(), Duration::from_secs(3))),
+                ..Default::default()
+            });
+        }
         let (out, id) = promote(&w, &["--copy-to", "us-west-2"]);
         assert!(
             out.status.success(),
@@ -514,6 +620,10 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
         w.pki = pki;
         controller_restarts += 1;
         w.proxy.set(Faults::default());
+        if frozen {
+            // The agent wakes to a dead session, reconnects, and is asked again.
+            assert!(w.sim.signal_agent(&w.source, "CONT"));
+        }
         let s = w.wait_state(
             &id,
             &["promoted", "failed", "cancelled"],
@@ -543,4 +653,32 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
         );
     }
     assert_eq!(controller_restarts, cases.len());
+
+    // Killed while cleaning up after a failure: the restarted controller
+    // finishes the cleanup, and nothing is left.
+    w.restart_source();
+    let snapshots_before = w.snapshots_left();
+    w.proxy.set(Faults {
+        image_failed: true,
+        hold_response: Some(("DeregisterImage".to_owned(), Duration::from_secs(3))),
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &["--copy-to", "us-west-2"]);
+    assert!(out.status.success());
+    w.wait_state(&id, &["cleaning-up"], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let pki = std::mem::replace(&mut w.pki, Pki::new());
+    w.controller.restart(&pki);
+    w.pki = pki;
+    w.proxy.set(Faults::default());
+    let s = w.wait_state(
+        &id,
+        &["promoted", "failed", "cancelled"],
+        Duration::from_secs(90),
+    );
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(w.images_of(&id, "us-east-1").is_empty(), "{s}");
+    assert!(w.images_of(&id, "us-west-2").is_empty(), "{s}");
+    assert_eq!(w.snapshots_left(), snapshots_before, "{s}");
+    assert!(w.live_others().is_empty(), "{:?}", w.live_others());
 }
