@@ -28,6 +28,13 @@ pub struct Ec2Section {
     /// Maximum attempts per call (adaptive retry).
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// One attempt's time limit; a slower answer is retried.
+    #[serde(default = "default_attempt_timeout")]
+    pub attempt_timeout_secs: u64,
+}
+
+fn default_attempt_timeout() -> u64 {
+    20
 }
 
 fn yes() -> bool {
@@ -157,12 +164,15 @@ pub trait Cloud: Send + Sync {
     async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), CloudError>;
     async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), CloudError>;
     /// Launches one instance from `image_id`, tagged; returns its id.
+    /// `client_token` makes a retried request (an attempt that timed out
+    /// after EC2 acted) return the same instance instead of a second one.
     async fn run_instance(
         &self,
         region: &str,
         image_id: &str,
         instance_type: &str,
         tags: &Tags,
+        client_token: &str,
     ) -> Result<String, CloudError>;
     /// Instances (not terminated) carrying tag `key=value`.
     async fn find_instances(
@@ -171,7 +181,9 @@ pub trait Cloud: Send + Sync {
         key: &str,
         value: &str,
     ) -> Result<Vec<InstanceFacts>, CloudError>;
-    /// Copies `image_id` from `source_region` into `region`; returns the copy's id.
+    /// Copies `image_id` from `source_region` into `region`; returns the
+    /// copy's id. `client_token` as for [`Cloud::run_instance`].
+    #[allow(clippy::too_many_arguments)]
     async fn copy_image(
         &self,
         source_region: &str,
@@ -180,6 +192,7 @@ pub trait Cloud: Send + Sync {
         name: &str,
         description: &str,
         kms_key_id: Option<&str>,
+        client_token: &str,
     ) -> Result<String, CloudError>;
     async fn create_tags(
         &self,
@@ -228,6 +241,7 @@ impl Ec2 {
             region,
             self.config.endpoint.as_deref(),
             self.config.max_attempts,
+            Duration::from_secs(self.config.attempt_timeout_secs.max(1)),
         )
         .await;
         self.clients
@@ -244,6 +258,7 @@ pub async fn client(
     region: &str,
     endpoint: Option<&str>,
     max_attempts: u32,
+    attempt_timeout: Duration,
 ) -> aws_sdk_ec2::Client {
     use aws_smithy_http_client::{Builder, tls};
     let http = Builder::new()
@@ -258,8 +273,8 @@ pub async fn client(
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(20))
-                .operation_timeout(Duration::from_secs(90))
+                .operation_attempt_timeout(attempt_timeout)
+                .operation_timeout((attempt_timeout * 4).max(Duration::from_secs(90)))
                 .build(),
         );
     if let Some(url) = endpoint {
@@ -647,6 +662,7 @@ impl Cloud for Ec2 {
         image_id: &str,
         instance_type: &str,
         tags: &Tags,
+        client_token: &str,
     ) -> Result<String, CloudError> {
         use aws_sdk_ec2::types::{InstanceType, ResourceType};
         let out = self
@@ -658,6 +674,7 @@ impl Cloud for Ec2 {
             .min_count(1)
             .max_count(1)
             .tag_specifications(tag_spec(ResourceType::Instance, tags))
+            .client_token(client_token)
             .send()
             .await
             .map_err(|e| sdk_error("RunInstances", &e))?;
@@ -705,6 +722,7 @@ impl Cloud for Ec2 {
         name: &str,
         description: &str,
         kms_key_id: Option<&str>,
+        client_token: &str,
     ) -> Result<String, CloudError> {
         let mut req = self
             .client(region)
@@ -713,7 +731,8 @@ impl Cloud for Ec2 {
             .source_region(source_region)
             .source_image_id(image_id)
             .name(name)
-            .description(description);
+            .description(description)
+            .client_token(client_token);
         if let Some(kms) = kms_key_id {
             req = req.encrypted(true).kms_key_id(kms);
         }

@@ -721,7 +721,13 @@ impl Pipeline {
         tags.push(("Name".to_owned(), format!("amiprep canary {}", rec.id)));
         let canary = self
             .cloud
-            .run_instance(&rec.region, &image, &self.cfg.canary_instance_type, &tags)
+            .run_instance(
+                &rec.region,
+                &image,
+                &self.cfg.canary_instance_type,
+                &tags,
+                &format!("{}-canary", rec.id),
+            )
             .await?;
         self.store
             .add_resource(&rec.id, "canary", &rec.region, &canary)?;
@@ -824,10 +830,10 @@ impl Pipeline {
             )
             .await?;
         };
-        // 3. Done with the canary either way.
-        self.cloud.terminate_instance(&rec.region, &canary).await?;
-        self.store
-            .mark_deleted(&rec.id, "canary", &rec.region, &canary)?;
+        // 3. A failed verdict fails the promotion (cleanup terminates the
+        // canary). A good one is recorded by the transition; the next step
+        // terminates the canary, so a restart in between neither loses the
+        // verdict nor needs the canary again.
         if !result.ok {
             let failed: Vec<String> = result
                 .checks
@@ -856,7 +862,38 @@ impl Pipeline {
         )))
     }
 
+    /// Terminates this promotion's canaries: the recorded one, and any
+    /// second one an endpoint that ignores client tokens launched for a
+    /// retried request. Idempotent.
+    async fn retire_canaries(&self, rec: &PromotionRecord) -> Result<(), StepError> {
+        let mut ids: Vec<String> = rec
+            .resources_of("canary")
+            .filter(|r| !r.deleted)
+            .map(|r| r.id.clone())
+            .collect();
+        for f in self
+            .cloud
+            .find_instances(&rec.region, TAG_PROMOTION, &rec.id)
+            .await?
+        {
+            if f.instance_id != rec.spec.instance_id && !ids.contains(&f.instance_id) {
+                self.store
+                    .add_resource(&rec.id, "canary", &rec.region, &f.instance_id)?;
+                ids.push(f.instance_id);
+            }
+        }
+        for id in &ids {
+            self.cloud.terminate_instance(&rec.region, id).await?;
+            self.store
+                .mark_deleted(&rec.id, "canary", &rec.region, id)?;
+        }
+        Ok(())
+    }
+
     async fn distribute(&self, rec: &PromotionRecord) -> StepResult {
+        if rec.spec.canary {
+            self.retire_canaries(rec).await?;
+        }
         let image = Self::image_id(rec)?;
         let deadline = self.deadline(rec, self.cfg.image_timeout_secs);
         let tags = self.tags(rec);
@@ -881,6 +918,7 @@ impl Pipeline {
                                     &rec.spec.name,
                                     &format!("amiprep promotion {} (copy of {image})", rec.id),
                                     (!kms.is_empty()).then_some(kms.as_str()),
+                                    &format!("{}-copy-{region}", rec.id),
                                 )
                                 .await?;
                             // Recorded before tagging or waiting.
@@ -1034,31 +1072,19 @@ impl Pipeline {
             ));
         }
         // Canaries: recorded ones and any found by tag.
-        let mut canaries: Vec<String> = rec
+        let before = rec.resources_of("canary").filter(|r| r.deleted).count();
+        self.retire_canaries(rec).await?;
+        let fresh = self.store.get(&rec.id)?.unwrap_or_else(|| rec.clone());
+        let canaries = fresh
             .resources_of("canary")
-            .filter(|r| !r.deleted)
-            .map(|r| r.id.clone())
-            .collect();
-        for f in self
-            .cloud
-            .find_instances(&rec.region, TAG_PROMOTION, &rec.id)
-            .await?
-        {
-            if !canaries.contains(&f.instance_id) && f.instance_id != rec.spec.instance_id {
-                self.store
-                    .add_resource(&rec.id, "canary", &rec.region, &f.instance_id)?;
-                canaries.push(f.instance_id);
-            }
-        }
-        for c in &canaries {
-            self.cloud.terminate_instance(&rec.region, c).await?;
-            self.store.mark_deleted(&rec.id, "canary", &rec.region, c)?;
-        }
+            .filter(|r| r.deleted)
+            .count()
+            .saturating_sub(before);
         // Images (primary and copies): recorded ones and any found by tag,
         // each with its snapshots, which are recorded before deregistering.
         let mut regions = vec![rec.region.clone()];
         regions.extend(rec.spec.copy_to.iter().map(|(r, _)| r.clone()));
-        let mut removed = canaries.len();
+        let mut removed = canaries;
         for region in &regions {
             let kind = if region == &rec.region {
                 "image"

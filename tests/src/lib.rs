@@ -233,6 +233,8 @@ pub struct ControllerOpts {
     pub allow_static: bool,
     pub heartbeat_interval_secs: u32,
     pub heartbeat_timeout_secs: u32,
+    /// Extra keys of the `[ec2]` table (with `ec2_endpoint`).
+    pub ec2_extra: String,
     /// Extra TOML appended to the configuration (e.g. a `[pipeline]` table).
     pub extra: String,
 }
@@ -244,6 +246,7 @@ impl Default for ControllerOpts {
             allow_static: false,
             heartbeat_interval_secs: 1,
             heartbeat_timeout_secs: 3,
+            ec2_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -290,7 +293,8 @@ impl Controller {
             std::io::Write::write_all(
                 &mut f,
                 format!(
-                    "[ec2]\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\nmax_attempts = 4\n"
+                    "[ec2]\nregion = \"us-east-1\"\nendpoint = \"{endpoint}\"\nmax_attempts = 4\n{}",
+                    opts.ec2_extra
                 )
                 .as_bytes(),
             )

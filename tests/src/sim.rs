@@ -152,9 +152,19 @@ impl Drop for Simulator {
 }
 
 async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
-    let out = cfg.ec2.describe_instances().send().await?;
+    // Every page: EC2 (and moto, at 100 reservations) pages its answer.
+    let mut reservations = Vec::new();
+    let mut pages = cfg
+        .ec2
+        .describe_instances()
+        .max_results(1000)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        reservations.extend(page?.reservations().iter().cloned());
+    }
     let mut to_start = Vec::new();
-    for r in out.reservations() {
+    for r in &reservations {
         for i in r.instances() {
             let id = i.instance_id().unwrap_or_default().to_owned();
             let st = i

@@ -37,6 +37,11 @@ impl World {
 
     /// `timeout` bounds each wait (stop, image, canary); extra `[pipeline]` keys follow.
     pub fn with_timeouts(timeout: u64, extra_pipeline: &str) -> World {
+        Self::build(timeout, extra_pipeline, "")
+    }
+
+    /// As [`World::with_timeouts`], with extra `[ec2]` keys.
+    pub fn build(timeout: u64, extra_pipeline: &str, extra_ec2: &str) -> World {
         let moto = Moto::start();
         let proxy = FaultProxy::start(&format!("127.0.0.1:{}", moto.port));
         let pki = Pki::new();
@@ -45,6 +50,7 @@ impl World {
             &pki,
             ControllerOpts {
                 ec2_endpoint: Some(proxy.endpoint()),
+                ec2_extra: extra_ec2.to_owned(),
                 extra: format!(
                     "[pipeline]\nstate_db = {:?}\nmanifest_dir = {:?}\npoll_initial_ms = 100\npoll_max_ms = 400\nagent_wait_secs = {timeout}\nprepare_timeout_secs = {timeout}\nstop_timeout_secs = {timeout}\nimage_timeout_secs = {timeout}\ncanary_timeout_secs = {timeout}\n{extra_pipeline}",
                     pki.file("state.db"),
@@ -572,6 +578,47 @@ fn throttling_storm_completes() {
     assert!(stats.errors >= 1, "{stats:?}");
     w.proxy.set(Faults::default());
     assert_eq!(w.images_of(&id, "us-east-1").len(), 1);
+}
+
+#[test]
+fn a_retried_launch_leaves_no_second_canary() {
+    // Each RunInstances answer comes after the attempt's time limit, so the
+    // SDK retries a request EC2 has already acted on. moto ignores client
+    // tokens (EC2 honours them), so every attempt launches an instance:
+    // the promotion must still end with none of them running.
+    let w = World::build(30, "", "attempt_timeout_secs = 1\n");
+    w.proxy.set(Faults {
+        hold_response: Some(("RunInstances".to_owned(), Duration::from_millis(1500))),
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &["--wait"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.controller.proc.log_text()
+    );
+    let launches = w
+        .proxy
+        .stats()
+        .actions
+        .iter()
+        .find(|(a, _)| a == "RunInstances")
+        .map(|(_, n)| *n)
+        .unwrap_or_default();
+    assert!(launches >= 2, "the launch was not retried: {launches}");
+    w.proxy.set(Faults::default());
+    let s = w.status(&id);
+    assert_eq!(s["state"], "promoted", "{s}");
+    let live = w.live_others();
+    assert!(live.is_empty(), "canaries left running: {live:?}");
+    let canaries = s["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.as_str().unwrap().starts_with("canary "))
+        .count();
+    assert!(canaries >= 2, "{s}");
 }
 
 #[test]
