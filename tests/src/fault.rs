@@ -37,6 +37,13 @@ pub struct Faults {
     /// this long: the window in which a controller crash leaves a resource
     /// created but unrecorded.
     pub hold_response: Option<(String, Duration)>,
+    /// Refuse this action with `UnauthorizedOperation` (HTTP 403), as EC2
+    /// does when the IAM policy lacks it.
+    pub deny: Option<String>,
+    /// Report stopped instances as `stopping`: a stop that never completes.
+    pub stop_stuck: bool,
+    /// Report every instance's status checks as `impaired`.
+    pub status_impaired: bool,
 }
 
 /// Counts of what the proxy saw and did.
@@ -231,6 +238,13 @@ async fn handle(
             None => s.stats.actions.push((action.clone(), 1)),
         }
     }
+    if faults.deny.as_deref() == Some(action.as_str()) {
+        return Ok(ec2_error(
+            StatusCode::FORBIDDEN,
+            "UnauthorizedOperation",
+            "You are not authorized to perform this operation.",
+        ));
+    }
     if action == "EnableImageDeprecation" {
         let image = param(&body, "ImageId").unwrap_or_default();
         let at = param(&body, "DeprecateAt").unwrap_or_default();
@@ -270,6 +284,27 @@ async fn handle(
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
+    let rewrite = |bytes: &mut Bytes, parts: &mut http::response::Parts, from: &str, to: &str| {
+        let text = String::from_utf8_lossy(bytes).replace(from, to);
+        *bytes = Bytes::from(text);
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    };
+    if action == "DescribeInstances" && faults.stop_stuck {
+        rewrite(
+            &mut bytes,
+            &mut parts,
+            "<name>stopped</name>",
+            "<name>stopping</name>",
+        );
+    }
+    if action == "DescribeInstanceStatus" && faults.status_impaired {
+        rewrite(
+            &mut bytes,
+            &mut parts,
+            "<status>ok</status>",
+            "<status>impaired</status>",
+        );
+    }
     if action == "DescribeImages" && (faults.image_failed || faults.image_pending_for.is_some()) {
         let mut text = String::from_utf8_lossy(&bytes).into_owned();
         if faults.image_failed {

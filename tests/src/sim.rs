@@ -32,6 +32,8 @@ struct State {
     /// Files every canary's first boot writes (root-relative path, content):
     /// what a boot script that fetches credentials would leave.
     canary_plants: Vec<(PathBuf, String)>,
+    /// Canaries boot without an agent (one that never comes up).
+    no_canary_agents: bool,
     log: Vec<String>,
 }
 
@@ -103,6 +105,14 @@ impl Simulator {
             .unwrap_or_else(|p| p.into_inner())
             .canary_plants
             .push((PathBuf::from(rel), content.to_owned()));
+    }
+
+    /// Whether canaries start an agent (default) or never do.
+    pub fn canary_agents(&self, on: bool) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .no_canary_agents = !on;
     }
 
     /// Sends `sig` (as `kill -SIG`) to the agent of `instance`; false if it
@@ -181,7 +191,8 @@ async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
             };
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             let known = s.running.contains_key(&id) || s.starting.contains(&id);
-            if st == "running" && !known {
+            let canary = tag("amiprep:role").as_deref() == Some("canary");
+            if st == "running" && !known && !(canary && s.no_canary_agents) {
                 s.starting.insert(id.clone());
                 to_start.push((
                     id,

@@ -729,3 +729,123 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
     assert_eq!(w.snapshots_left(), snapshots_before, "{s}");
     assert!(w.live_others().is_empty(), "{:?}", w.live_others());
 }
+
+#[test]
+fn each_failure_has_a_clear_reason() {
+    let w = World::with_timeouts(8, "");
+    let fail = |extra: &[&str], source: Option<&str>| -> String {
+        let policy = w.policy_file();
+        let mut args = vec![
+            "promote",
+            source.unwrap_or(w.source.as_str()),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--wait",
+        ];
+        args.extend_from_slice(extra);
+        let out = w.amiprep(&args);
+        let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let id = stdout(&out).lines().next().unwrap().trim().to_owned();
+        let s = w.status(&id);
+        assert_eq!(s["state"], "failed", "{s}");
+        assert!(w.live_others().is_empty(), "{:?}", w.live_others());
+        assert!(w.images_of(&id, "us-east-1").is_empty());
+        s["failure_reason"].as_str().unwrap().to_owned()
+    };
+
+    // No such instance.
+    let r = fail(&["--name", "a-{promotion}"], Some("i-0123456789abcdef0"));
+    assert!(
+        r.contains("instance i-0123456789abcdef0 not found in us-east-1"),
+        "{r}"
+    );
+
+    // The IAM policy lacks CreateImage: fails at once, no retries.
+    w.proxy.set(Faults {
+        deny: Some("CreateImage".into()),
+        ..Default::default()
+    });
+    let r = fail(&["--name", "b-{promotion}"], None);
+    assert!(r.contains("EC2 CreateImage: access denied"), "{r}");
+    w.proxy.set(Faults::default());
+
+    // The source is stopped now: a promotion needs it running.
+    let r = fail(&["--name", "c-{promotion}"], None);
+    assert!(
+        r.contains(&format!(
+            "instance {} is stopped, not running; promotion needs its agent",
+            w.source
+        )),
+        "{r}"
+    );
+
+    // The canary boots but its agent never comes up.
+    w.restart_source();
+    w.sim.canary_agents(false);
+    let r = fail(&["--name", "d-{promotion}"], None);
+    assert!(r.contains("never connected and verified within 8 s"), "{r}");
+    w.sim.canary_agents(true);
+
+    // The canary's status checks never pass.
+    w.restart_source();
+    w.proxy.set(Faults {
+        status_impaired: true,
+        ..Default::default()
+    });
+    let r = fail(&["--name", "e-{promotion}"], None);
+    assert!(r.contains("never became healthy within 8 s"), "{r}");
+    w.proxy.set(Faults::default());
+
+    // The stop never completes.
+    w.restart_source();
+    w.proxy.set(Faults {
+        stop_stuck: true,
+        ..Default::default()
+    });
+    let r = fail(&["--name", "f-{promotion}"], None);
+    assert!(
+        r.contains(&format!(
+            "instance {} did not stop within 8 s (last state stopping)",
+            w.source
+        )),
+        "{r}"
+    );
+    w.proxy.set(Faults::default());
+
+    // The name is already taken by an earlier image.
+    w.restart_source();
+    let (out, _) = promote_named(&w, "taken-name");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.restart_source();
+    let r = fail(&["--name", "taken-name", "--no-canary"], None);
+    assert!(
+        r.contains("AMI name \"taken-name\" is already taken by ami-"),
+        "{r}"
+    );
+}
+
+fn promote_named(w: &World, name: &str) -> (std::process::Output, String) {
+    let policy = w.policy_file();
+    let out = w.amiprep(&[
+        "promote",
+        w.source.as_str(),
+        "--name",
+        name,
+        "--no-canary",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--wait",
+    ]);
+    let id = stdout(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    (out, id)
+}
