@@ -57,6 +57,8 @@ pub struct Stats {
     pub actions: Vec<(String, u64)>,
     /// `(ImageId, DeprecateAt)` of every `EnableImageDeprecation` answered.
     pub deprecations: Vec<(String, String)>,
+    /// `(Encrypted, KmsKeyId)` of every `CopyImage` forwarded.
+    pub copies: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -244,6 +246,18 @@ async fn handle(
             "UnauthorizedOperation",
             "You are not authorized to perform this operation.",
         ));
+    }
+    if action == "CopyImage" {
+        let copy = (
+            param(&body, "Encrypted").unwrap_or_default(),
+            param(&body, "KmsKeyId").unwrap_or_default(),
+        );
+        shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats
+            .copies
+            .push(copy);
     }
     if action == "EnableImageDeprecation" {
         let image = param(&body, "ImageId").unwrap_or_default();

@@ -243,7 +243,9 @@ fn happy_path_with_canary_and_copy_to_second_region() {
         "--tag",
         "team=platform",
         "--copy-to",
-        "us-west-2",
+        "us-west-2:alias/amiprep-west",
+        "--share-with",
+        "111122223333",
         "--deprecate-after",
         "30",
         "--policy",
@@ -322,6 +324,29 @@ fn happy_path_with_canary_and_copy_to_second_region() {
     let masked =
         std::fs::read_link(w.source_root().join("etc/systemd/system/cups.service")).unwrap();
     assert_eq!(masked, PathBuf::from("/dev/null"));
+    // The copy was asked encrypted with the region's key, and both images
+    // may be launched by the shared account.
+    assert_eq!(
+        w.proxy.stats().copies,
+        vec![("true".to_owned(), "alias/amiprep-west".to_owned())]
+    );
+    for (region, image) in [("us-east-1", east), ("us-west-2", west)] {
+        let client = w.moto.client_in(region);
+        let users: Vec<String> = runtime().block_on(async {
+            client
+                .describe_image_attribute()
+                .image_id(image)
+                .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+                .send()
+                .await
+                .unwrap()
+                .launch_permissions()
+                .iter()
+                .filter_map(|p| p.user_id().map(str::to_owned))
+                .collect()
+        });
+        assert_eq!(users, ["111122223333"], "{region} {image}");
+    }
     // Both images got a deprecation time 30 days out.
     let deprecations = w.proxy.stats().deprecations;
     let day = |d: time::OffsetDateTime| {
@@ -437,6 +462,39 @@ fn failed_image_is_cleaned_up() {
         "{last}"
     );
     assert!(last.contains("removed"), "{last}");
+}
+
+#[test]
+fn keep_on_failure_keeps_and_lists_what_was_created() {
+    let w = World::new("");
+    w.proxy.set(Faults {
+        image_failed: true,
+        ..Default::default()
+    });
+    let (out, id) = promote(&w, &["--keep-on-failure", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    w.proxy.set(Faults::default());
+    let s = w.status(&id);
+    assert_eq!(s["state"], "failed", "{s}");
+    let kept = w.images_of(&id, "us-east-1");
+    assert_eq!(kept.len(), 1, "{s}");
+    let last = s["last_message"].as_str().unwrap();
+    assert!(
+        last.contains(&format!(
+            "kept (--keep-on-failure): image {} (us-east-1)",
+            kept[0]
+        )),
+        "{last}"
+    );
+    assert!(last.contains("snapshot snap-"), "{last}");
+    assert!(
+        s["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| !r.as_str().unwrap().ends_with("(removed)")),
+        "{s}"
+    );
 }
 
 #[test]
