@@ -11,7 +11,6 @@ use crate::{
     policy::Policy,
     requests::identity_facts,
     safefs::{self, Root},
-    scan::{ScanOptions, scan_root},
     steps::StepName,
 };
 
@@ -178,28 +177,15 @@ fn scan_check(root: &Root, policy: &Policy) -> Check {
     if !policy.steps.selects(StepName::Scan) {
         return check(NAME, true, "scan step not selected by the policy");
     }
-    let baseline = match policy
-        .scan
-        .baseline
-        .as_deref()
-        .map(crate::steps::scan::load_baseline)
-    {
-        Some(Ok(b)) => Some(b),
-        Some(Err(e)) => return check(NAME, false, e),
-        None => None,
+    let baseline = match crate::steps::scan::policy_baseline(policy) {
+        Ok(b) => b,
+        Err(e) => return check(NAME, false, e),
     };
-    let opts = ScanOptions {
-        max_file_size: policy.scan.max_file_size,
-        baseline,
-        ..ScanOptions::default()
-    };
-    let mut report = match scan_root(root, &opts) {
-        Ok(r) => r,
-        Err(e) => return check(NAME, false, format!("scan failed: {e}")),
-    };
-    let mut expected = crate::steps::scan::expected_keys(policy);
-    expected.extend(HOST_PRIVATE_KEYS.iter().map(|k| (*k).to_owned()));
-    let set_aside = report.set_aside_expected_keys(&expected);
+    let (report, set_aside) =
+        match crate::steps::scan::policy_scan(root, policy, baseline, &HOST_PRIVATE_KEYS) {
+            Ok(r) => r,
+            Err(e) => return check(NAME, false, format!("scan failed: {e}")),
+        };
     let mut problems = Vec::new();
     if !report.findings.is_empty() {
         let listed: Vec<String> = report

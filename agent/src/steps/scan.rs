@@ -3,7 +3,11 @@
 //! not ready. Only masked previews and fingerprints are reported.
 
 use super::{Ctx, Plan, ProgressEvent, Step, StepReport};
-use crate::scan::{Baseline, ScanOptions, scan_root};
+use crate::{
+    policy::Policy,
+    safefs::Root,
+    scan::{Baseline, Finding, ScanOptions, ScanReport, scan_root},
+};
 
 pub struct Scan;
 
@@ -34,13 +38,12 @@ impl Step for Scan {
             out.errors.extend(plan.errors);
             return;
         }
-        let baseline = match cx.policy.scan.baseline.as_deref().map(load_baseline) {
-            Some(Ok(b)) => Some(b),
-            Some(Err(e)) => {
+        let baseline = match policy_baseline(cx.policy) {
+            Ok(b) => b,
+            Err(e) => {
                 out.errors.push(e);
                 return;
             }
-            None => None,
         };
         progress(ProgressEvent::Action {
             step: "scan".into(),
@@ -48,14 +51,8 @@ impl Step for Scan {
             total: 1,
             target: "secret scan of the whole root".into(),
         });
-        let opts = ScanOptions {
-            max_file_size: cx.policy.scan.max_file_size,
-            baseline,
-            ..ScanOptions::default()
-        };
-        match scan_root(cx.root, &opts) {
-            Ok(mut report) => {
-                let expected = report.set_aside_expected_keys(&expected_keys(cx.policy));
+        match policy_scan(cx.root, cx.policy, baseline, &[]) {
+            Ok((report, expected)) => {
                 if !report.findings.is_empty() {
                     out.errors.push(format!(
                         "{} credential finding(s) not accepted by the baseline",
@@ -88,21 +85,45 @@ impl Step for Scan {
     }
 }
 
-/// The private keys the image may carry: the policy's, plus the running
-/// agent's own client key when it lies beneath the root being prepared.
-pub fn expected_keys(policy: &crate::policy::Policy) -> Vec<String> {
-    let mut keys: Vec<String> = policy
+/// The scan as a policy asks for it, on the prepare step and on a canary:
+/// its file size limit and `baseline`, with the private keys the image may
+/// carry set aside — the policy's `expected_keys`, the running agent's own
+/// client key when it lies beneath the root, and `also_expected`. Returns
+/// the report and the findings set aside.
+pub fn policy_scan(
+    root: &Root,
+    policy: &Policy,
+    baseline: Option<Baseline>,
+    also_expected: &[&str],
+) -> std::io::Result<(ScanReport, Vec<Finding>)> {
+    let opts = ScanOptions {
+        max_file_size: policy.scan.max_file_size,
+        baseline,
+        ..ScanOptions::default()
+    };
+    let mut report = scan_root(root, &opts)?;
+    let mut expected: Vec<String> = policy
         .scan
         .expected_keys
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    if let Some(own) = crate::requests::own_key() {
-        keys.push(own);
-    }
-    keys
+    expected.extend(crate::requests::own_key());
+    expected.extend(also_expected.iter().map(|k| (*k).to_owned()));
+    let set_aside = report.set_aside_expected_keys(&expected);
+    Ok((report, set_aside))
 }
 
-pub fn load_baseline(path: &std::path::Path) -> Result<Baseline, String> {
+/// The policy's baseline, loaded; `None` when it names none.
+pub fn policy_baseline(policy: &Policy) -> Result<Option<Baseline>, String> {
+    policy
+        .scan
+        .baseline
+        .as_deref()
+        .map(load_baseline)
+        .transpose()
+}
+
+fn load_baseline(path: &std::path::Path) -> Result<Baseline, String> {
     Baseline::load(path).map_err(|e| format!("scan baseline: {e:#}"))
 }
