@@ -864,8 +864,8 @@ impl Pipeline {
 
     /// Terminates this promotion's canaries: the recorded one, and any
     /// second one an endpoint that ignores client tokens launched for a
-    /// retried request. Idempotent.
-    async fn retire_canaries(&self, rec: &PromotionRecord) -> Result<(), StepError> {
+    /// retried request. Idempotent. Returns how many it terminated.
+    async fn retire_canaries(&self, rec: &PromotionRecord) -> Result<usize, StepError> {
         let mut ids: Vec<String> = rec
             .resources_of("canary")
             .filter(|r| !r.deleted)
@@ -887,7 +887,7 @@ impl Pipeline {
             self.store
                 .mark_deleted(&rec.id, "canary", &rec.region, id)?;
         }
-        Ok(())
+        Ok(ids.len())
     }
 
     async fn distribute(&self, rec: &PromotionRecord) -> StepResult {
@@ -1072,19 +1072,11 @@ impl Pipeline {
             ));
         }
         // Canaries: recorded ones and any found by tag.
-        let before = rec.resources_of("canary").filter(|r| r.deleted).count();
-        self.retire_canaries(rec).await?;
-        let fresh = self.store.get(&rec.id)?.unwrap_or_else(|| rec.clone());
-        let canaries = fresh
-            .resources_of("canary")
-            .filter(|r| r.deleted)
-            .count()
-            .saturating_sub(before);
+        let mut removed = self.retire_canaries(rec).await?;
         // Images (primary and copies): recorded ones and any found by tag,
         // each with its snapshots, which are recorded before deregistering.
         let mut regions = vec![rec.region.clone()];
         regions.extend(rec.spec.copy_to.iter().map(|(r, _)| r.clone()));
-        let mut removed = canaries;
         for region in &regions {
             let kind = if region == &rec.region {
                 "image"
