@@ -462,7 +462,10 @@ pub fn generate(root: &Path) -> Fixture {
         &format!("[oauth]\nclient_id = shop-web\nclient_secret = {cs}\n"),
         &[("generic-secret", &cs)],
     );
-    let django = from_set(b"abcdefghijklmnopqrstuvwxyz0123456789!@#%^&*-_+", 50);
+    // Django's key alphabet without `%`, `@` and `*`: a random key may then
+    // hold `%s`, `@@` or start like a template or a mask, which the
+    // placeholder filter rightly skips (about one run in ten failed).
+    let django = from_set(b"abcdefghijklmnopqrstuvwxyz0123456789!#^&-_+", 50);
     b.plant(
         "opt/shop/shop/settings.py",
         &format!("DEBUG = False\nSECRET_KEY = '{django}'\nALLOWED_HOSTS = ['shop.example.com']\n"),
