@@ -151,33 +151,16 @@ fn action_of(body: &[u8]) -> String {
     param(body, "Action").unwrap_or_else(|| "?".into())
 }
 
-/// A form parameter of an EC2 query request, percent-decoded.
+/// A form parameter of an EC2 query request, decoded.
 fn param(body: &[u8], name: &str) -> Option<String> {
-    let text = String::from_utf8_lossy(body);
-    let raw = text
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
-    let mut out = Vec::new();
-    let bytes = raw.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    form_urlencoded::parse(body)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Updates the counters under the lock.
+fn record(shared: &Mutex<Shared>, f: impl FnOnce(&mut Stats)) {
+    f(&mut shared.lock().unwrap_or_else(|p| p.into_inner()).stats);
 }
 
 async fn handle(
@@ -202,19 +185,11 @@ async fn handle(
         tokio::time::sleep(faults.latency).await;
     }
     if hit(faults.drop_every) {
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .dropped += 1;
+        record(&shared, |s| s.dropped += 1);
         return Err(std::io::Error::other("dropped by fault proxy"));
     }
     if hit(faults.throttle_every) {
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .throttled += 1;
+        record(&shared, |s| s.throttled += 1);
         return Ok(ec2_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "RequestLimitExceeded",
@@ -222,24 +197,19 @@ async fn handle(
         ));
     }
     if hit(faults.error_every) {
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .errors += 1;
+        record(&shared, |s| s.errors += 1);
         return Ok(ec2_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
             "An internal error has occurred.",
         ));
     }
-    {
-        let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
-        match s.stats.actions.iter_mut().find(|(a, _)| *a == action) {
+    record(&shared, |s| {
+        match s.actions.iter_mut().find(|(a, _)| *a == action) {
             Some((_, c)) => *c += 1,
-            None => s.stats.actions.push((action.clone(), 1)),
+            None => s.actions.push((action.clone(), 1)),
         }
-    }
+    });
     if faults.deny.as_deref() == Some(action.as_str()) {
         return Ok(ec2_error(
             StatusCode::FORBIDDEN,
@@ -252,22 +222,12 @@ async fn handle(
             param(&body, "Encrypted").unwrap_or_default(),
             param(&body, "KmsKeyId").unwrap_or_default(),
         );
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .copies
-            .push(copy);
+        record(&shared, |s| s.copies.push(copy));
     }
     if action == "EnableImageDeprecation" {
         let image = param(&body, "ImageId").unwrap_or_default();
         let at = param(&body, "DeprecateAt").unwrap_or_default();
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats
-            .deprecations
-            .push((image, at));
+        record(&shared, |s| s.deprecations.push((image, at)));
         return Ok(Response::new(Full::new(Bytes::from(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<EnableImageDeprecationResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>amiprep-fault-proxy</requestId><return>true</return></EnableImageDeprecationResponse>",
         ))));

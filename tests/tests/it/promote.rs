@@ -187,6 +187,13 @@ impl World {
         self.sim.root_of(&self.source).expect("source root")
     }
 
+    /// A moment into the current state, kills the controller (SIGKILL) and
+    /// starts it again on the same port, database and configuration.
+    pub fn kill_controller_and_restart(&mut self) {
+        std::thread::sleep(Duration::from_millis(500));
+        self.controller.restart(&self.pki);
+    }
+
     /// Starts the source again (after a promotion stopped it) and waits for its agent.
     pub fn restart_source(&self) {
         runtime()
@@ -395,12 +402,23 @@ fn scrape(port: u16) -> String {
 
 /// Runs `amiprep promote SOURCE ...` with the test policy.
 fn promote(w: &World, extra: &[&str]) -> (std::process::Output, String) {
+    promote_as(w, &w.source, "img-{promotion}", extra)
+}
+
+/// Runs `amiprep promote INSTANCE --name NAME ...` with the test policy;
+/// returns the output and the promotion id it printed.
+fn promote_as(
+    w: &World,
+    instance: &str,
+    name: &str,
+    extra: &[&str],
+) -> (std::process::Output, String) {
     let policy = w.policy_file();
     let mut args = vec![
         "promote",
-        w.source.as_str(),
+        instance,
         "--name",
-        "img-{promotion}",
+        name,
         "--policy",
         policy.to_str().unwrap(),
     ];
@@ -719,10 +737,7 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
             String::from_utf8_lossy(&out.stderr)
         );
         w.wait_state(&id, &[state], Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(500));
-        let pki = std::mem::replace(&mut w.pki, Pki::new());
-        w.controller.restart(&pki);
-        w.pki = pki;
+        w.kill_controller_and_restart();
         controller_restarts += 1;
         w.proxy.set(Faults::default());
         if frozen {
@@ -771,10 +786,7 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
     let (out, id) = promote(&w, &["--copy-to", "us-west-2"]);
     assert!(out.status.success());
     w.wait_state(&id, &["cleaning-up"], Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(500));
-    let pki = std::mem::replace(&mut w.pki, Pki::new());
-    w.controller.restart(&pki);
-    w.pki = pki;
+    w.kill_controller_and_restart();
     w.proxy.set(Faults::default());
     let s = w.wait_state(
         &id,
@@ -791,20 +803,12 @@ fn controller_killed_at_each_state_resumes_without_duplicates_or_orphans() {
 #[test]
 fn each_failure_has_a_clear_reason() {
     let w = World::with_timeouts(8, "");
-    let fail = |extra: &[&str], source: Option<&str>| -> String {
-        let policy = w.policy_file();
-        let mut args = vec![
-            "promote",
-            source.unwrap_or(w.source.as_str()),
-            "--policy",
-            policy.to_str().unwrap(),
-            "--wait",
-        ];
+    let fail = |instance: &str, name: &str, extra: &[&str]| -> String {
+        let mut args = vec!["--wait"];
         args.extend_from_slice(extra);
-        let out = w.amiprep(&args);
+        let (out, id) = promote_as(&w, instance, name, &args);
         let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{text}");
-        let id = stdout(&out).lines().next().unwrap().trim().to_owned();
         let s = w.status(&id);
         assert_eq!(s["state"], "failed", "{s}");
         assert!(w.live_others().is_empty(), "{:?}", w.live_others());
@@ -813,7 +817,7 @@ fn each_failure_has_a_clear_reason() {
     };
 
     // No such instance.
-    let r = fail(&["--name", "a-{promotion}"], Some("i-0123456789abcdef0"));
+    let r = fail("i-0123456789abcdef0", "a-{promotion}", &[]);
     assert!(
         r.contains("instance i-0123456789abcdef0 not found in us-east-1"),
         "{r}"
@@ -824,12 +828,12 @@ fn each_failure_has_a_clear_reason() {
         deny: Some("CreateImage".into()),
         ..Default::default()
     });
-    let r = fail(&["--name", "b-{promotion}"], None);
+    let r = fail(&w.source, "b-{promotion}", &[]);
     assert!(r.contains("EC2 CreateImage: access denied"), "{r}");
     w.proxy.set(Faults::default());
 
     // The source is stopped now: a promotion needs it running.
-    let r = fail(&["--name", "c-{promotion}"], None);
+    let r = fail(&w.source, "c-{promotion}", &[]);
     assert!(
         r.contains(&format!(
             "instance {} is stopped, not running; promotion needs its agent",
@@ -841,7 +845,7 @@ fn each_failure_has_a_clear_reason() {
     // The canary boots but its agent never comes up.
     w.restart_source();
     w.sim.canary_agents(false);
-    let r = fail(&["--name", "d-{promotion}"], None);
+    let r = fail(&w.source, "d-{promotion}", &[]);
     assert!(r.contains("never connected and verified within 8 s"), "{r}");
     w.sim.canary_agents(true);
 
@@ -851,7 +855,7 @@ fn each_failure_has_a_clear_reason() {
         status_impaired: true,
         ..Default::default()
     });
-    let r = fail(&["--name", "e-{promotion}"], None);
+    let r = fail(&w.source, "e-{promotion}", &[]);
     assert!(r.contains("never became healthy within 8 s"), "{r}");
     w.proxy.set(Faults::default());
 
@@ -861,7 +865,7 @@ fn each_failure_has_a_clear_reason() {
         stop_stuck: true,
         ..Default::default()
     });
-    let r = fail(&["--name", "f-{promotion}"], None);
+    let r = fail(&w.source, "f-{promotion}", &[]);
     assert!(
         r.contains(&format!(
             "instance {} did not stop within 8 s (last state stopping)",
@@ -873,37 +877,16 @@ fn each_failure_has_a_clear_reason() {
 
     // The name is already taken by an earlier image.
     w.restart_source();
-    let (out, _) = promote_named(&w, "taken-name");
+    let (out, _) = promote_as(&w, &w.source, "taken-name", &["--no-canary", "--wait"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     w.restart_source();
-    let r = fail(&["--name", "taken-name", "--no-canary"], None);
+    let r = fail(&w.source, "taken-name", &["--no-canary"]);
     assert!(
         r.contains("AMI name \"taken-name\" is already taken by ami-"),
         "{r}"
     );
-}
-
-fn promote_named(w: &World, name: &str) -> (std::process::Output, String) {
-    let policy = w.policy_file();
-    let out = w.amiprep(&[
-        "promote",
-        w.source.as_str(),
-        "--name",
-        name,
-        "--no-canary",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--wait",
-    ]);
-    let id = stdout(&out)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    (out, id)
 }
