@@ -20,10 +20,10 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 
 use crate::{
+    cloud::{Cloud, CloudError, ImageState, InstanceState, SnapshotState},
     config::PipelineSection,
-    ec2::{Cloud, CloudError},
     registry::{AgentEvent, Registry},
-    state::PromotionState,
+    state::{After, PromotionState, ResourceKind},
     store::{PromotionRecord, PromotionSpec, Store},
 };
 
@@ -321,13 +321,13 @@ impl Pipeline {
                     rec.region
                 )));
             }
-            Some(f) if f.state == "terminated" || f.state == "shutting-down" => {
+            Some(f) if f.state.is_gone() => {
                 return Err(StepError::Fatal(format!(
                     "instance {source} is {}",
                     f.state
                 )));
             }
-            Some(f) if f.state != "running" => {
+            Some(f) if f.state != InstanceState::Running => {
                 return Err(StepError::Fatal(format!(
                     "instance {source} is {}, not running; promotion needs its agent",
                     f.state
@@ -485,14 +485,14 @@ impl Pipeline {
                 None => return Err(StepError::Fatal(format!("instance {source} disappeared"))),
                 Some(f) => f.state,
             };
-            match state.as_str() {
-                "stopped" => return Ok(Step::Next(format!("{source} stopped"))),
-                "terminated" | "shutting-down" => {
+            match state {
+                InstanceState::Stopped => return Ok(Step::Next(format!("{source} stopped"))),
+                InstanceState::Terminated | InstanceState::ShuttingDown => {
                     return Err(StepError::Fatal(format!(
                         "instance {source} was terminated mid-way"
                     )));
                 }
-                "running" | "pending" if !asked => {
+                InstanceState::Running | InstanceState::Pending if !asked => {
                     self.cloud.stop_instance(&rec.region, source).await?;
                     asked = true;
                 }
@@ -519,7 +519,7 @@ impl Pipeline {
             .await?;
         if let Some(img) = mine.first() {
             self.store
-                .add_resource(&rec.id, "image", &rec.region, &img.image_id)?;
+                .add_resource(&rec.id, ResourceKind::Image, &rec.region, &img.image_id)?;
             return Ok(Step::Next(format!("image {} (found by tag)", img.image_id)));
         }
         if let Some(taken) = self
@@ -549,9 +549,7 @@ impl Pipeline {
             .await
         {
             Ok(id) => id,
-            Err(CloudError::Other { message, .. })
-                if message.contains("InvalidAMIName.Duplicate") =>
-            {
+            Err(CloudError::NameTaken { message, .. }) => {
                 return Err(StepError::Retry(format!(
                     "name collision, checking again: {message}"
                 )));
@@ -560,7 +558,7 @@ impl Pipeline {
         };
         // Recorded before any wait, so cleanup and resumption know it.
         self.store
-            .add_resource(&rec.id, "image", &rec.region, &image_id)?;
+            .add_resource(&rec.id, ResourceKind::Image, &rec.region, &image_id)?;
         Ok(Step::Next(format!("image {image_id} created")))
     }
 
@@ -592,11 +590,7 @@ impl Pipeline {
             let Some(facts) = facts else {
                 return Err(StepError::Fatal(format!("image {image} disappeared")));
             };
-            let kind = if region == rec.region {
-                "snapshot"
-            } else {
-                "copy-snapshot"
-            };
+            let kind = ResourceKind::snapshot_in(region, &rec.region);
             let known: Vec<&str> = rec
                 .resources
                 .iter()
@@ -617,9 +611,9 @@ impl Pipeline {
                     .create_tags(region, &new, &self.tags(rec))
                     .await?;
             }
-            match facts.state.as_str() {
-                "available" => return Ok(()),
-                "failed" | "error" | "invalid" | "deregistered" => {
+            match &facts.state {
+                ImageState::Available => return Ok(()),
+                s if s.is_broken() => {
                     return Err(StepError::Fatal(format!(
                         "image {image} is {}{}",
                         facts.state,
@@ -652,7 +646,7 @@ impl Pipeline {
             .await?
             .ok_or_else(|| StepError::Fatal(format!("image {image} disappeared")))?;
         let mut problems = Vec::new();
-        if facts.state != "available" {
+        if facts.state != ImageState::Available {
             problems.push(format!("state is {}", facts.state));
         }
         if facts
@@ -671,7 +665,7 @@ impl Pipeline {
             .snapshot_states(&rec.region, &facts.snapshot_ids)
             .await?;
         for (id, state) in &states {
-            if state != "completed" {
+            if *state != SnapshotState::Completed {
                 problems.push(format!("snapshot {id} is {state}"));
             }
         }
@@ -709,7 +703,7 @@ impl Pipeline {
             .await?;
         if let Some(c) = existing.first() {
             self.store
-                .add_resource(&rec.id, "canary", &rec.region, &c.instance_id)?;
+                .add_resource(&rec.id, ResourceKind::Canary, &rec.region, &c.instance_id)?;
             return Ok(Step::Next(format!(
                 "canary {} (found by tag)",
                 c.instance_id
@@ -730,13 +724,13 @@ impl Pipeline {
             )
             .await?;
         self.store
-            .add_resource(&rec.id, "canary", &rec.region, &canary)?;
+            .add_resource(&rec.id, ResourceKind::Canary, &rec.region, &canary)?;
         Ok(Step::Next(format!("canary {canary} launched from {image}")))
     }
 
     async fn verify_canary(&self, rec: &PromotionRecord) -> StepResult {
         let canary = rec
-            .resources_of("canary")
+            .resources_of(ResourceKind::Canary)
             .find(|r| !r.deleted)
             .map(|r| r.id.clone())
             .ok_or_else(|| StepError::Fatal("no canary recorded".into()))?;
@@ -745,8 +739,8 @@ impl Pipeline {
         // 1. Running, with both status checks ok.
         loop {
             match self.cloud.instance_health(&rec.region, &canary).await? {
-                Some(h) if h.state == "running" && h.status_ok => break,
-                Some(h) if h.state == "terminated" || h.state == "shutting-down" => {
+                Some(h) if h.state == InstanceState::Running && h.status_ok => break,
+                Some(h) if h.state.is_gone() => {
                     return Err(StepError::Fatal(format!("canary {canary} is {}", h.state)));
                 }
                 _ => {}
@@ -867,7 +861,7 @@ impl Pipeline {
     /// retried request. Idempotent. Returns how many it terminated.
     async fn retire_canaries(&self, rec: &PromotionRecord) -> Result<usize, StepError> {
         let mut ids: Vec<String> = rec
-            .resources_of("canary")
+            .resources_of(ResourceKind::Canary)
             .filter(|r| !r.deleted)
             .map(|r| r.id.clone())
             .collect();
@@ -877,15 +871,19 @@ impl Pipeline {
             .await?
         {
             if f.instance_id != rec.spec.instance_id && !ids.contains(&f.instance_id) {
-                self.store
-                    .add_resource(&rec.id, "canary", &rec.region, &f.instance_id)?;
+                self.store.add_resource(
+                    &rec.id,
+                    ResourceKind::Canary,
+                    &rec.region,
+                    &f.instance_id,
+                )?;
                 ids.push(f.instance_id);
             }
         }
         for id in &ids {
             self.cloud.terminate_instance(&rec.region, id).await?;
             self.store
-                .mark_deleted(&rec.id, "canary", &rec.region, id)?;
+                .mark_deleted(&rec.id, ResourceKind::Canary, &rec.region, id)?;
         }
         Ok(ids.len())
     }
@@ -899,7 +897,10 @@ impl Pipeline {
         let tags = self.tags(rec);
         let mut done = Vec::new();
         for (region, kms) in &rec.spec.copy_to {
-            let copy = match rec.resources_of("copy").find(|r| &r.region == region) {
+            let copy = match rec
+                .resources_of(ResourceKind::Copy)
+                .find(|r| &r.region == region)
+            {
                 Some(r) => r.id.clone(),
                 None => {
                     let found = self
@@ -922,13 +923,15 @@ impl Pipeline {
                                 )
                                 .await?;
                             // Recorded before tagging or waiting.
-                            self.store.add_resource(&rec.id, "copy", region, &id)?;
+                            self.store
+                                .add_resource(&rec.id, ResourceKind::Copy, region, &id)?;
                             id
                         }
                     }
                 }
             };
-            self.store.add_resource(&rec.id, "copy", region, &copy)?;
+            self.store
+                .add_resource(&rec.id, ResourceKind::Copy, region, &copy)?;
             self.cloud
                 .create_tags(region, std::slice::from_ref(&copy), &tags)
                 .await?;
@@ -966,8 +969,11 @@ impl Pipeline {
         for r in rec.resources.iter().filter(|r| {
             !r.deleted
                 && matches!(
-                    r.kind.as_str(),
-                    "image" | "snapshot" | "copy" | "copy-snapshot"
+                    r.kind,
+                    ResourceKind::Image
+                        | ResourceKind::Snapshot
+                        | ResourceKind::Copy
+                        | ResourceKind::CopySnapshot
                 )
         }) {
             match by_region.iter_mut().find(|(reg, _)| reg == &r.region) {
@@ -984,13 +990,13 @@ impl Pipeline {
             .map_err(|e| StepError::Retry(format!("writing {}: {e}", path.display())))?;
         self.store
             .set_manifest(&rec.id, &path.display().to_string())?;
-        match rec.spec.after.as_str() {
-            "start" => {
+        match rec.spec.after {
+            After::Start => {
                 self.cloud
                     .start_instance(&rec.region, &rec.spec.instance_id)
                     .await?
             }
-            "terminate" => {
+            After::Terminate => {
                 self.cloud
                     .terminate_instance(&rec.region, &rec.spec.instance_id)
                     .await?
@@ -1020,14 +1026,14 @@ impl Pipeline {
         for r in rec
             .resources
             .iter()
-            .filter(|r| r.kind == "image" || r.kind == "copy")
+            .filter(|r| matches!(r.kind, ResourceKind::Image | ResourceKind::Copy))
         {
             amis.insert(r.region.clone(), serde_json::json!(r.id));
         }
         let snapshots: Vec<serde_json::Value> = rec
             .resources
             .iter()
-            .filter(|r| r.kind.ends_with("snapshot"))
+            .filter(|r| matches!(r.kind, ResourceKind::Snapshot | ResourceKind::CopySnapshot))
             .map(|r| serde_json::json!({"region": r.region, "id": r.id}))
             .collect();
         let m = serde_json::json!({
@@ -1078,16 +1084,8 @@ impl Pipeline {
         let mut regions = vec![rec.region.clone()];
         regions.extend(rec.spec.copy_to.iter().map(|(r, _)| r.clone()));
         for region in &regions {
-            let kind = if region == &rec.region {
-                "image"
-            } else {
-                "copy"
-            };
-            let snap_kind = if region == &rec.region {
-                "snapshot"
-            } else {
-                "copy-snapshot"
-            };
+            let kind = ResourceKind::image_in(region, &rec.region);
+            let snap_kind = ResourceKind::snapshot_in(region, &rec.region);
             let mut images: Vec<String> = rec
                 .resources
                 .iter()
@@ -1147,18 +1145,18 @@ impl Pipeline {
         let Some(facts) = self.cloud.describe_instance(&rec.region, source).await? else {
             return Ok(format!("; source {source} no longer exists"));
         };
-        let start = rec.spec.after == "start";
-        Ok(match facts.state.as_str() {
-            "stopped" if start => {
+        let start = rec.spec.after == After::Start;
+        Ok(match facts.state {
+            InstanceState::Stopped if start => {
                 self.cloud.start_instance(&rec.region, source).await?;
                 format!("; source {source} started again (--after start)")
             }
-            "stopping" if start => {
+            InstanceState::Stopping if start => {
                 return Err(StepError::Retry(format!(
                     "source {source} is still stopping; it is started again once stopped"
                 )));
             }
-            "stopped" | "stopping" => {
+            InstanceState::Stopped | InstanceState::Stopping => {
                 format!("; source {source} left stopped (--after start starts it again on failure)")
             }
             other => format!("; source {source} is {other}"),
