@@ -1,11 +1,9 @@
 //! Cloud access. Everything the controller asks of EC2 goes through the
 //! [`Cloud`] trait and its typed facts, so the pipeline's decisions work on
 //! [`InstanceState`], [`ImageState`] and [`CloudError`] cases rather than on
-//! strings. [`ec2`] is the aws-sdk-ec2 implementation; [`fake`] keeps a cloud
-//! in memory, with the transitions EC2 has and moto lacks, for unit tests.
+//! strings. [`ec2`] is the aws-sdk-ec2 implementation.
 
 pub mod ec2;
-// pub mod fake;
 
 use std::fmt;
 
