@@ -1,9 +1,12 @@
 //! Cloud access. Everything the controller asks of EC2 goes through the
 //! [`Cloud`] trait and its typed facts, so the pipeline's decisions work on
 //! [`InstanceState`], [`ImageState`] and [`CloudError`] cases rather than on
-//! strings. [`ec2`] is the aws-sdk-ec2 implementation.
+//! strings. [`ec2`] is the aws-sdk-ec2 implementation; [`fake`] keeps a cloud
+//! in memory, with the transitions EC2 has and moto lacks, for unit tests.
 
 pub mod ec2;
+#[cfg(test)]
+pub mod fake;
 
 use std::fmt;
 

@@ -291,6 +291,25 @@ pub fn adopt(recorded: Option<&str>, found: &[String]) -> Adopt {
     }
 }
 
+/// The image name is taken: by this promotion's own image (created by an
+/// earlier run that died before recording it, and not yet visible to the
+/// tag lookup), which is adopted; or by another image, which fails the
+/// promotion.
+pub fn name_holder(promotion: &str, name: &str, taken: &ImageFacts) -> Result<String, String> {
+    if taken
+        .tags
+        .iter()
+        .any(|(k, v)| k == TAG_PROMOTION && v == promotion)
+    {
+        Ok(taken.image_id.clone())
+    } else {
+        Err(format!(
+            "AMI name {name:?} is already taken by {}",
+            taken.image_id
+        ))
+    }
+}
+
 /// The live (not removed) resource of `kind` in `region` the record names.
 pub fn recorded<'a>(
     resources: &'a [Resource],
@@ -780,6 +799,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_taken_name_is_adopted_only_from_this_promotion() {
+        let mut mine = image("pending");
+        mine.tags = vec![(TAG_PROMOTION.into(), "p1".into())];
+        assert_eq!(name_holder("p1", "web", &mine), Ok("ami-1".into()));
+        assert_eq!(
+            name_holder("p2", "web", &mine),
+            Err("AMI name \"web\" is already taken by ami-1".into())
+        );
+        assert!(name_holder("p1", "web", &image("available")).is_err());
     }
 
     #[test]

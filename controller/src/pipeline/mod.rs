@@ -5,7 +5,9 @@
 //! the persisted record, runs the step for the recorded state, and records
 //! the outcome before moving on; it owns spawning, recording, polling and
 //! deadlines. [`steps`] holds one thin I/O wrapper per state. [`decide`]
-//! holds every choice as a pure function over facts, unit-tested there. Steps are idempotent —
+//! holds every choice as a pure function over facts, unit-tested there;
+//! [`tests`] drives whole promotions over the in-memory `FakeCloud`, with
+//! crashes injected at every cloud call. Steps are idempotent —
 //! they look up what a previous run may already have created (by the
 //! record, then by the promotion's tag) before creating anything — so a
 //! controller restarted at any point resumes without duplicates or orphans.
@@ -13,6 +15,8 @@
 pub mod decide;
 pub mod evidence;
 mod steps;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::HashSet,

@@ -177,10 +177,14 @@ impl Pipeline {
             .find_image_by_name(&rec.region, &rec.spec.name)
             .await?
         {
-            return Err(StepError::Fatal(format!(
-                "AMI name {:?} is already taken by {}",
-                rec.spec.name, taken.image_id
-            )));
+            return match decide::name_holder(&rec.id, &rec.spec.name, &taken) {
+                Ok(id) => {
+                    self.store
+                        .add_resource(&rec.id, ResourceKind::Image, &rec.region, &id)?;
+                    Ok(Step::Next(format!("image {id} (found by name)")))
+                }
+                Err(why) => Err(StepError::Fatal(why)),
+            };
         }
         let description = if rec.spec.description.is_empty() {
             format!("amiprep promotion {} of {}", rec.id, rec.spec.instance_id)
