@@ -190,21 +190,8 @@ impl Pipeline {
                 continue;
             }
             let started = Instant::now();
-            let result = match rec.state {
-                PromotionState::Pending => self.wait_for_agent(&rec).await,
-                PromotionState::Preparing => self.prepare(&rec).await,
-                PromotionState::Stopping => self.stop_source(&rec).await,
-                PromotionState::CreatingImage => self.create_image(&rec).await,
-                PromotionState::AwaitingImage => self.await_image(&rec).await,
-                PromotionState::VerifyingImage => self.verify_image(&rec).await,
-                PromotionState::LaunchingCanary => self.launch_canary(&rec).await,
-                PromotionState::VerifyingCanary => self.verify_canary(&rec).await,
-                PromotionState::Distributing => self.distribute(&rec).await,
-                PromotionState::Promoting => self.promote(&rec).await,
-                PromotionState::CleaningUp => self.clean_up(&rec).await,
-                PromotionState::Promoted | PromotionState::Failed | PromotionState::Cancelled => {
-                    return;
-                }
+            let Some(result) = self.run_step(&rec).await else {
+                return;
             };
             let took = started.elapsed();
             crate::metrics::global()
@@ -257,6 +244,26 @@ impl Pipeline {
             }
             self.notify(id);
         }
+    }
+
+    /// Runs the step of the recorded state; `None` for a terminal state.
+    async fn run_step(&self, rec: &PromotionRecord) -> Option<StepResult> {
+        Some(match rec.state {
+            PromotionState::Pending => self.wait_for_agent(rec).await,
+            PromotionState::Preparing => self.prepare(rec).await,
+            PromotionState::Stopping => self.stop_source(rec).await,
+            PromotionState::CreatingImage => self.create_image(rec).await,
+            PromotionState::AwaitingImage => self.await_image(rec).await,
+            PromotionState::VerifyingImage => self.verify_image(rec).await,
+            PromotionState::LaunchingCanary => self.launch_canary(rec).await,
+            PromotionState::VerifyingCanary => self.verify_canary(rec).await,
+            PromotionState::Distributing => self.distribute(rec).await,
+            PromotionState::Promoting => self.promote(rec).await,
+            PromotionState::CleaningUp => self.clean_up(rec).await,
+            PromotionState::Promoted | PromotionState::Failed | PromotionState::Cancelled => {
+                return None;
+            }
+        })
     }
 
     /// Persists a transition, retrying until the store accepts it: moving on

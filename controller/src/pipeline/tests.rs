@@ -15,7 +15,7 @@ use std::{
 use amiprep_proto::v1::{AgentInfo, Check, Report, VerifyResult, controller_message};
 use tokio::sync::mpsc;
 
-use super::{Pipeline, TAG_PROMOTION, TAG_ROLE, TAG_STATUS};
+use super::{Pipeline, Step, TAG_PROMOTION, TAG_ROLE, TAG_STATUS};
 use crate::{
     cloud::{Cloud, ImageState, InstanceState, fake::FakeCloud},
     config::PipelineSection,
@@ -432,4 +432,42 @@ async fn cancel_mid_way_removes_what_was_created() {
     let rec = w.record("p1");
     assert_eq!(rec.state, PromotionState::Cancelled);
     w.assert_nothing_left(&rec, "cancelled");
+}
+
+/// Every step run twice over the same record (as after a crash just before
+/// its transition was written) creates nothing twice: the second run ends
+/// the same way and the cloud holds what one run made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_is_idempotent() {
+    let w = World::new(5);
+    let p = w.controller();
+    w.store.insert("p1", &spec(true, true), REGION).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let rec = w.record("p1");
+        if rec.state.is_terminal() {
+            break;
+        }
+        seen.push(rec.state);
+        let first = p.run_step(&rec).await.unwrap();
+        let made = (w.cloud.images().len(), w.cloud.instances().len());
+        let again = p.run_step(&w.record("p1")).await.unwrap();
+        let ctx = format!("step {}", rec.state);
+        assert_eq!(
+            (w.cloud.images().len(), w.cloud.instances().len()),
+            made,
+            "{ctx} created again"
+        );
+        let next = match (first, again) {
+            (Ok(Step::Next(_)), Ok(Step::Next(_))) => rec.state.next(true).unwrap(),
+            (a, b) => panic!("{ctx}: {:?} then {:?}", a.is_ok(), b.is_ok()),
+        };
+        w.store.set_state("p1", next, "next").unwrap();
+    }
+    assert_eq!(seen.len(), 10, "{seen:?}");
+    let rec = w.record("p1");
+    w.assert_promoted_once(&rec, 2, "each step twice");
+    assert_eq!(w.cloud.calls_of("CreateImage"), 1);
+    assert_eq!(w.cloud.calls_of("RunInstances"), 1);
+    assert_eq!(w.cloud.calls_of("CopyImage"), 1);
 }
