@@ -75,15 +75,11 @@ pub fn spec_from_request(req: &PromoteRequest, id: &str) -> Result<PromotionSpec
         id,
     )
     .map_err(Status::invalid_argument)?;
-    let after = match req.after.as_str() {
-        "" | "stop" => "stop",
-        "start" => "start",
-        "terminate" => "terminate",
-        other => {
-            return Err(Status::invalid_argument(format!(
-                "--after {other:?}: use stop, start or terminate"
-            )));
-        }
+    let Some(after) = crate::state::After::parse(&req.after) else {
+        return Err(Status::invalid_argument(format!(
+            "--after {:?}: use stop, start or terminate",
+            req.after
+        )));
     };
     for a in &req.share_with {
         if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) {
@@ -119,7 +115,7 @@ pub fn spec_from_request(req: &PromoteRequest, id: &str) -> Result<PromotionSpec
             .collect(),
         share_with: req.share_with.clone(),
         deprecate_after_days: req.deprecate_after_days,
-        after: after.to_owned(),
+        after,
         canary: !req.no_canary,
         keep_on_failure: req.keep_on_failure,
     })

@@ -20,7 +20,7 @@ pub struct ControllerConfig {
     pub sessions: SessionsSection,
     /// EC2 access; without it, agents' instances are not cross-checked.
     #[serde(default)]
-    pub ec2: Option<crate::ec2::Ec2Section>,
+    pub ec2: Option<crate::cloud::Ec2Section>,
     #[serde(default)]
     pub pipeline: PipelineSection,
     #[serde(default)]

@@ -5,8 +5,10 @@ pub mod admin;
 pub mod attest;
 pub mod certs;
 pub mod client;
+pub mod cloud;
 pub mod config;
-pub mod ec2;
+/// The module's former name, kept for callers not yet moved to [`cloud`].
+pub use cloud as ec2;
 pub mod gateway;
 pub mod metrics;
 pub mod naming;

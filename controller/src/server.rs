@@ -61,10 +61,10 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         );
     }
     let registry = Arc::new(Registry::default());
-    let cloud: Option<Arc<dyn crate::ec2::Cloud>> = cfg
+    let cloud: Option<Arc<dyn crate::cloud::Cloud>> = cfg
         .ec2
         .as_ref()
-        .map(|e| Arc::new(crate::ec2::Ec2::new(e.clone())) as Arc<dyn crate::ec2::Cloud>);
+        .map(|e| Arc::new(crate::cloud::Ec2::new(e.clone())) as Arc<dyn crate::cloud::Cloud>);
     let pipeline: Option<Arc<crate::pipeline::Pipeline>> = match (&cloud, &cfg.ec2) {
         (Some(cloud), Some(ec2)) => {
             let store = Arc::new(crate::store::Store::open(&cfg.pipeline.state_db)?);

@@ -1,4 +1,5 @@
-//! The promotion state machine: states, and the pure decisions between them.
+//! The promotion state machine's states, the kinds of resource a promotion
+//! creates, and what `--after` asks for.
 //!
 //! A promotion moves forward through these states; each is persisted before
 //! the cloud call that follows it, so a restarted controller resumes at the
@@ -113,6 +114,127 @@ impl fmt::Display for PromotionState {
     }
 }
 
+/// What becomes of the source instance once its image is promoted
+/// (`--after`). On failure the source is never terminated; `Start` starts it
+/// again there too.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum After {
+    /// Leave it stopped (the default).
+    #[default]
+    Stop,
+    /// Start it again.
+    Start,
+    /// Terminate it.
+    Terminate,
+}
+
+impl After {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            After::Stop => "stop",
+            After::Start => "start",
+            After::Terminate => "terminate",
+        }
+    }
+
+    /// `--after` as the operator spells it; empty means the default.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "stop" => Some(After::Stop),
+            "start" => Some(After::Start),
+            "terminate" => Some(After::Terminate),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for After {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for After {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// A kind of cloud resource a promotion creates. Stored as the `as_str` text.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResourceKind {
+    /// The AMI in the promotion's region.
+    Image,
+    /// A snapshot of that AMI.
+    Snapshot,
+    /// The instance launched from the AMI to verify it.
+    Canary,
+    /// A copy of the AMI in another region.
+    Copy,
+    /// A snapshot of a copy.
+    CopySnapshot,
+}
+
+impl ResourceKind {
+    pub const ALL: [ResourceKind; 5] = [
+        ResourceKind::Image,
+        ResourceKind::Snapshot,
+        ResourceKind::Canary,
+        ResourceKind::Copy,
+        ResourceKind::CopySnapshot,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Image => "image",
+            ResourceKind::Snapshot => "snapshot",
+            ResourceKind::Canary => "canary",
+            ResourceKind::Copy => "copy",
+            ResourceKind::CopySnapshot => "copy-snapshot",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The image kind for `region`: the primary image in the promotion's
+    /// own region, a copy elsewhere.
+    pub fn image_in(region: &str, home: &str) -> Self {
+        if region == home {
+            ResourceKind::Image
+        } else {
+            ResourceKind::Copy
+        }
+    }
+
+    /// The snapshot kind for `region`, as [`ResourceKind::image_in`].
+    pub fn snapshot_in(region: &str, home: &str) -> Self {
+        if region == home {
+            ResourceKind::Snapshot
+        } else {
+            ResourceKind::CopySnapshot
+        }
+    }
+
+    /// An AMI or a snapshot of one (what the `verified` tag goes on).
+    pub fn is_image_part(self) -> bool {
+        !matches!(self, ResourceKind::Canary)
+    }
+}
+
+impl fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +260,21 @@ mod tests {
             assert_eq!(seen.contains(&PromotionState::LaunchingCanary), canary);
             assert!(seen.iter().all(|s| !matches!(s, PromotionState::Failed)));
         }
+    }
+
+    #[test]
+    fn kinds_and_after_round_trip() {
+        for k in ResourceKind::ALL {
+            assert_eq!(ResourceKind::parse(k.as_str()), Some(k));
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+        }
+        for a in [After::Stop, After::Start, After::Terminate] {
+            assert_eq!(After::parse(a.as_str()), Some(a));
+            assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{a}\""));
+        }
+        assert_eq!(After::parse(""), Some(After::Stop));
+        assert_eq!(After::parse("reboot"), None);
     }
 
     #[test]

@@ -14,7 +14,10 @@ use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::{registry::unix_ms, state::PromotionState};
+use crate::{
+    registry::unix_ms,
+    state::{After, PromotionState, ResourceKind},
+};
 
 /// What the operator asked for (`amiprep promote ...`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -27,7 +30,7 @@ pub struct PromotionSpec {
     pub copy_to: Vec<(String, String)>,
     pub share_with: Vec<String>,
     pub deprecate_after_days: u32,
-    pub after: String,
+    pub after: After,
     pub canary: bool,
     pub keep_on_failure: bool,
 }
@@ -35,8 +38,7 @@ pub struct PromotionSpec {
 /// A cloud resource a promotion created.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Resource {
-    /// `image`, `snapshot`, `canary`, `copy`, `copy-snapshot`.
-    pub kind: String,
+    pub kind: ResourceKind,
     pub region: String,
     pub id: String,
     /// Set once the resource has been removed by cleanup.
@@ -66,10 +68,12 @@ pub struct PromotionRecord {
 
 impl PromotionRecord {
     pub fn image(&self) -> Option<&Resource> {
-        self.resources.iter().find(|r| r.kind == "image")
+        self.resources
+            .iter()
+            .find(|r| r.kind == ResourceKind::Image)
     }
 
-    pub fn resources_of(&self, kind: &str) -> impl Iterator<Item = &Resource> {
+    pub fn resources_of(&self, kind: ResourceKind) -> impl Iterator<Item = &Resource> {
         self.resources.iter().filter(move |r| r.kind == kind)
     }
 }
@@ -216,13 +220,13 @@ impl Store {
     pub fn add_resource(
         &self,
         id: &str,
-        kind: &str,
+        kind: ResourceKind,
         region: &str,
         resource: &str,
     ) -> anyhow::Result<()> {
         self.conn().execute(
             "INSERT OR IGNORE INTO resources (promotion_id, kind, region, id) VALUES (?1, ?2, ?3, ?4)",
-            params![id, kind, region, resource],
+            params![id, kind.as_str(), region, resource],
         )?;
         Ok(())
     }
@@ -230,13 +234,13 @@ impl Store {
     pub fn mark_deleted(
         &self,
         id: &str,
-        kind: &str,
+        kind: ResourceKind,
         region: &str,
         resource: &str,
     ) -> anyhow::Result<()> {
         self.conn().execute(
             "UPDATE resources SET deleted = 1 WHERE promotion_id = ?1 AND kind = ?2 AND region = ?3 AND id = ?4",
-            params![id, kind, region, resource],
+            params![id, kind.as_str(), region, resource],
         )?;
         Ok(())
     }
@@ -329,8 +333,15 @@ fn resources(conn: &Connection, id: &str) -> anyhow::Result<Vec<Resource>> {
     )?;
     let v = stmt
         .query_map(params![id], |r| {
+            let kind: String = r.get(0)?;
             Ok(Resource {
-                kind: r.get(0)?,
+                kind: ResourceKind::parse(&kind).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        format!("unknown resource kind {kind:?}").into(),
+                    )
+                })?,
                 region: r.get(1)?,
                 id: r.get(2)?,
                 deleted: r.get::<_, i64>(3)? != 0,
@@ -385,11 +396,13 @@ mod tests {
             s.insert("p1", &spec, "us-east-1").unwrap();
             s.set_state("p1", PromotionState::CreatingImage, "creating")
                 .unwrap();
-            s.add_resource("p1", "image", "us-east-1", "ami-1").unwrap();
-            s.add_resource("p1", "image", "us-east-1", "ami-1").unwrap();
-            s.add_resource("p1", "snapshot", "us-east-1", "snap-1")
+            s.add_resource("p1", ResourceKind::Image, "us-east-1", "ami-1")
                 .unwrap();
-            s.mark_deleted("p1", "snapshot", "us-east-1", "snap-1")
+            s.add_resource("p1", ResourceKind::Image, "us-east-1", "ami-1")
+                .unwrap();
+            s.add_resource("p1", ResourceKind::Snapshot, "us-east-1", "snap-1")
+                .unwrap();
+            s.mark_deleted("p1", ResourceKind::Snapshot, "us-east-1", "snap-1")
                 .unwrap();
         }
         let s = Store::open(&path).unwrap();
@@ -398,7 +411,7 @@ mod tests {
         assert_eq!(rec.spec, spec);
         assert_eq!(rec.resources.len(), 2, "duplicates are ignored");
         assert_eq!(rec.image().unwrap().id, "ami-1");
-        assert!(rec.resources_of("snapshot").all(|r| r.deleted));
+        assert!(rec.resources_of(ResourceKind::Snapshot).all(|r| r.deleted));
         let events = s.events("p1", 0).unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[1].state, "creating-image");

@@ -1,218 +1,17 @@
-//! EC2 access. Everything the controller asks of EC2 goes through the
-//! [`Cloud`] trait, so the decision logic is testable without AWS; the real
-//! implementation uses aws-sdk-ec2 with adaptive retry, explicit timeouts and
-//! an optional endpoint override (a local EC2-compatible endpoint such as
-//! moto).
+//! The aws-sdk-ec2 implementation of [`Cloud`]: adaptive retry, explicit
+//! timeouts and an optional endpoint override (a local EC2-compatible
+//! endpoint such as moto). EC2's error codes are read here, once, and turned
+//! into [`CloudError`] cases; nothing above this module looks at a message.
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use aws_config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_ec2::error::ProvideErrorMetadata;
-use serde::Deserialize;
 
-/// `[ec2]` in the controller configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ec2Section {
-    /// Default region (agents' verified documents name their own).
-    pub region: String,
-    /// Endpoint override, e.g. `http://127.0.0.1:5000` for a local endpoint.
-    #[serde(default)]
-    pub endpoint: Option<String>,
-    /// Admit an agent only if DescribeInstances shows its instance running.
-    #[serde(default = "yes")]
-    pub verify_instances: bool,
-    /// The AWS account promotions run in; agents of other accounts are refused.
-    #[serde(default)]
-    pub account_id: Option<String>,
-    /// Maximum attempts per call (adaptive retry).
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    /// One attempt's time limit; a slower answer is retried.
-    #[serde(default = "default_attempt_timeout")]
-    pub attempt_timeout_secs: u64,
-}
-
-fn default_attempt_timeout() -> u64 {
-    20
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_attempts() -> u32 {
-    5
-}
-
-/// What the controller needs to know about an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstanceFacts {
-    pub instance_id: String,
-    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down`, `terminated`.
-    pub state: String,
-    pub owner_account: Option<String>,
-}
-
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum CloudError {
-    #[error("EC2 {action}: access denied: {message}")]
-    AccessDenied {
-        action: &'static str,
-        message: String,
-    },
-    #[error("EC2 {action}: throttled: {message}")]
-    Throttled {
-        action: &'static str,
-        message: String,
-    },
-    #[error("EC2 {action}: {message}")]
-    Other {
-        action: &'static str,
-        message: String,
-    },
-}
-
-impl CloudError {
-    /// Worth trying again later (the SDK already retried within the call).
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            CloudError::Throttled { .. } | CloudError::Other { .. }
-        )
-    }
-}
-
-/// What the controller needs to know about an image.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageFacts {
-    pub image_id: String,
-    pub name: String,
-    /// `pending`, `available`, `failed`, `deregistered`, ...
-    pub state: String,
-    pub state_reason: Option<String>,
-    pub root_device_name: Option<String>,
-    pub snapshot_ids: Vec<String>,
-    pub ena_support: Option<bool>,
-    pub boot_mode: Option<String>,
-    pub encrypted: bool,
-    pub tags: Vec<(String, String)>,
-}
-
-/// Health of a (canary) instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InstanceHealth {
-    pub state: String,
-    /// Both the instance and system status checks report `ok`.
-    pub status_ok: bool,
-}
-
-/// Tags are `(key, value)` pairs.
-pub type Tags = [(String, String)];
-
-#[tonic::async_trait]
-pub trait Cloud: Send + Sync {
-    /// `Ok(None)` when the instance does not exist in `region`.
-    async fn describe_instance(
-        &self,
-        region: &str,
-        instance_id: &str,
-    ) -> Result<Option<InstanceFacts>, CloudError>;
-    async fn stop_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
-    async fn start_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
-    async fn terminate_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError>;
-    /// Instance and system status checks of a running instance.
-    async fn instance_health(
-        &self,
-        region: &str,
-        instance_id: &str,
-    ) -> Result<Option<InstanceHealth>, CloudError>;
-    /// Creates an image, tagged; returns its id. Snapshots are tagged with
-    /// [`Cloud::create_tags`] once the image lists them (not every EC2
-    /// implementation accepts snapshot tags on CreateImage).
-    async fn create_image(
-        &self,
-        region: &str,
-        instance_id: &str,
-        name: &str,
-        description: &str,
-        tags: &Tags,
-    ) -> Result<String, CloudError>;
-    async fn describe_image(
-        &self,
-        region: &str,
-        image_id: &str,
-    ) -> Result<Option<ImageFacts>, CloudError>;
-    /// Images owned by this account carrying tag `key=value`.
-    async fn find_images(
-        &self,
-        region: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<Vec<ImageFacts>, CloudError>;
-    /// An image owned by this account with exactly this name.
-    async fn find_image_by_name(
-        &self,
-        region: &str,
-        name: &str,
-    ) -> Result<Option<ImageFacts>, CloudError>;
-    /// `(snapshot id, state)` for each id.
-    async fn snapshot_states(
-        &self,
-        region: &str,
-        snapshot_ids: &[String],
-    ) -> Result<Vec<(String, String)>, CloudError>;
-    async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), CloudError>;
-    async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), CloudError>;
-    /// Launches one instance from `image_id`, tagged; returns its id.
-    /// `client_token` makes a retried request (an attempt that timed out
-    /// after EC2 acted) return the same instance instead of a second one.
-    async fn run_instance(
-        &self,
-        region: &str,
-        image_id: &str,
-        instance_type: &str,
-        tags: &Tags,
-        client_token: &str,
-    ) -> Result<String, CloudError>;
-    /// Instances (not terminated) carrying tag `key=value`.
-    async fn find_instances(
-        &self,
-        region: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<Vec<InstanceFacts>, CloudError>;
-    /// Copies `image_id` from `source_region` into `region`; returns the
-    /// copy's id. `client_token` as for [`Cloud::run_instance`].
-    #[allow(clippy::too_many_arguments)]
-    async fn copy_image(
-        &self,
-        source_region: &str,
-        image_id: &str,
-        region: &str,
-        name: &str,
-        description: &str,
-        kms_key_id: Option<&str>,
-        client_token: &str,
-    ) -> Result<String, CloudError>;
-    async fn create_tags(
-        &self,
-        region: &str,
-        resource_ids: &[String],
-        tags: &Tags,
-    ) -> Result<(), CloudError>;
-    async fn share_image(
-        &self,
-        region: &str,
-        image_id: &str,
-        accounts: &[String],
-    ) -> Result<(), CloudError>;
-    async fn deprecate_image(
-        &self,
-        region: &str,
-        image_id: &str,
-        at: std::time::SystemTime,
-    ) -> Result<(), CloudError>;
-}
+use super::{
+    Cloud, CloudError, Ec2Section, ImageFacts, ImageState, InstanceFacts, InstanceHealth,
+    InstanceState, SnapshotState, Tags,
+};
 
 /// aws-sdk-ec2 behind [`Cloud`], one client per region.
 pub struct Ec2 {
@@ -313,20 +112,38 @@ fn filter(name: &str, value: &str) -> aws_sdk_ec2::types::Filter {
 }
 
 /// Maps an SDK error to a [`CloudError`], keeping EC2's error code.
-fn sdk_error<E, R>(action: &'static str, e: &aws_sdk_ec2::error::SdkError<E, R>) -> CloudError
+fn sdk_error<E>(
+    action: &'static str,
+    e: &aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>,
+) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
+    use aws_sdk_ec2::error::SdkError;
     let fallback = aws_sdk_ec2::error::DisplayErrorContext(e).to_string();
-    classify(action, e, fallback)
+    match e {
+        // No answer, or one that could not be read: the call may be retried.
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            CloudError::Unavailable {
+                action,
+                message: fallback,
+            }
+        }
+        SdkError::ServiceError(s) if s.raw().status().is_server_error() && e.code().is_none() => {
+            CloudError::Unavailable {
+                action,
+                message: fallback,
+            }
+        }
+        _ => classify(action, e, fallback),
+    }
 }
 
 fn image_facts(i: &aws_sdk_ec2::types::Image) -> ImageFacts {
     ImageFacts {
         image_id: i.image_id().unwrap_or_default().to_owned(),
         name: i.name().unwrap_or_default().to_owned(),
-        state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        state: ImageState::from(i.state().map(|s| s.as_str()).unwrap_or_default()),
         state_reason: i
             .state_reason()
             .and_then(|r| r.message())
@@ -363,18 +180,27 @@ fn instance_facts(
 ) -> InstanceFacts {
     InstanceFacts {
         instance_id: i.instance_id().unwrap_or_default().to_owned(),
-        state: i
-            .state()
-            .and_then(|s| s.name())
-            .map(|n| n.as_str().to_owned())
-            .unwrap_or_default(),
+        state: InstanceState::from(
+            i.state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str())
+                .unwrap_or_default(),
+        ),
         owner_account: reservation_owner.map(str::to_owned),
     }
 }
 
+/// The one place EC2's error codes are read.
 fn classify<E: ProvideErrorMetadata>(action: &'static str, e: &E, fallback: String) -> CloudError {
     let code = e.code().unwrap_or_default();
     let message = e.message().map(str::to_owned).unwrap_or(fallback);
+    let with_code = |message: String| {
+        if code.is_empty() {
+            message
+        } else {
+            format!("{code}: {message}")
+        }
+    };
     match code {
         "UnauthorizedOperation" | "AuthFailure" | "AccessDenied" => {
             CloudError::AccessDenied { action, message }
@@ -382,15 +208,44 @@ fn classify<E: ProvideErrorMetadata>(action: &'static str, e: &E, fallback: Stri
         "RequestLimitExceeded" | "Throttling" | "ThrottlingException" => {
             CloudError::Throttled { action, message }
         }
+        "InvalidAMIName.Duplicate" => CloudError::NameTaken {
+            action,
+            message: with_code(message),
+        },
+        c if c.starts_with("InvalidInstanceID.")
+            || c.starts_with("InvalidAMIID.")
+            || c == "InvalidSnapshot.NotFound" =>
+        {
+            CloudError::NotFound {
+                action,
+                message: with_code(message),
+            }
+        }
+        "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
+            CloudError::Unavailable {
+                action,
+                message: with_code(message),
+            }
+        }
         _ => CloudError::Other {
             action,
-            message: if code.is_empty() {
-                message
-            } else {
-                format!("{code}: {message}")
-            },
+            message: with_code(message),
         },
     }
+}
+
+/// `Ok(None)` for [`CloudError::NotFound`].
+fn absent_as_none<T>(r: Result<T, CloudError>) -> Result<Option<T>, CloudError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(CloudError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `Ok(())` for [`CloudError::NotFound`]: removing what is gone is done.
+fn absent_as_done(r: Result<(), CloudError>) -> Result<(), CloudError> {
+    absent_as_none(r).map(|_| ())
 }
 
 #[tonic::async_trait]
@@ -407,17 +262,8 @@ impl Cloud for Ec2 {
             .instance_ids(instance_id)
             .send()
             .await;
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                if e.code()
-                    .unwrap_or_default()
-                    .starts_with("InvalidInstanceID.")
-                {
-                    return Ok(None);
-                }
-                return Err(sdk_error("DescribeInstances", &e));
-            }
+        let Some(out) = absent_as_none(out.map_err(|e| sdk_error("DescribeInstances", &e)))? else {
+            return Ok(None);
         };
         Ok(out.reservations().iter().find_map(|r| {
             r.instances()
@@ -450,18 +296,16 @@ impl Cloud for Ec2 {
     }
 
     async fn terminate_instance(&self, region: &str, instance_id: &str) -> Result<(), CloudError> {
-        match self
-            .client(region)
-            .await
-            .terminate_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(e) => Err(sdk_error("TerminateInstances", &e)),
-        }
+        absent_as_done(
+            self.client(region)
+                .await
+                .terminate_instances()
+                .instance_ids(instance_id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error("TerminateInstances", &e)),
+        )
     }
 
     async fn instance_health(
@@ -477,16 +321,9 @@ impl Cloud for Ec2 {
             .include_all_instances(true)
             .send()
             .await;
-        let out = match out {
-            Ok(o) => o,
-            Err(e)
-                if e.code()
-                    .unwrap_or_default()
-                    .starts_with("InvalidInstanceID.") =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(sdk_error("DescribeInstanceStatus", &e)),
+        let Some(out) = absent_as_none(out.map_err(|e| sdk_error("DescribeInstanceStatus", &e)))?
+        else {
+            return Ok(None);
         };
         let ok = |s: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
             s.and_then(|s| s.status())
@@ -497,11 +334,12 @@ impl Cloud for Ec2 {
             .iter()
             .find(|s| s.instance_id() == Some(instance_id))
             .map(|s| InstanceHealth {
-                state: s
-                    .instance_state()
-                    .and_then(|st| st.name())
-                    .map(|n| n.as_str().to_owned())
-                    .unwrap_or_default(),
+                state: InstanceState::from(
+                    s.instance_state()
+                        .and_then(|st| st.name())
+                        .map(|n| n.as_str())
+                        .unwrap_or_default(),
+                ),
                 status_ok: ok(s.instance_status()) && ok(s.system_status()),
             }))
     }
@@ -539,22 +377,20 @@ impl Cloud for Ec2 {
         region: &str,
         image_id: &str,
     ) -> Result<Option<ImageFacts>, CloudError> {
-        match self
+        let out = self
             .client(region)
             .await
             .describe_images()
             .image_ids(image_id)
             .send()
             .await
-        {
-            Ok(out) => Ok(out
-                .images()
+            .map_err(|e| sdk_error("DescribeImages", &e));
+        Ok(absent_as_none(out)?.and_then(|out| {
+            out.images()
                 .iter()
                 .find(|i| i.image_id() == Some(image_id))
-                .map(image_facts)),
-            Err(e) if e.code().unwrap_or_default().starts_with("InvalidAMIID.") => Ok(None),
-            Err(e) => Err(sdk_error("DescribeImages", &e)),
-        }
+                .map(image_facts)
+        }))
     }
 
     async fn find_images(
@@ -600,7 +436,7 @@ impl Cloud for Ec2 {
         &self,
         region: &str,
         snapshot_ids: &[String],
-    ) -> Result<Vec<(String, String)>, CloudError> {
+    ) -> Result<Vec<(String, SnapshotState)>, CloudError> {
         if snapshot_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -618,42 +454,36 @@ impl Cloud for Ec2 {
             .map(|s| {
                 (
                     s.snapshot_id().unwrap_or_default().to_owned(),
-                    s.state()
-                        .map(|st| st.as_str().to_owned())
-                        .unwrap_or_default(),
+                    SnapshotState::from(s.state().map(|st| st.as_str()).unwrap_or_default()),
                 )
             })
             .collect())
     }
 
     async fn deregister_image(&self, region: &str, image_id: &str) -> Result<(), CloudError> {
-        match self
-            .client(region)
-            .await
-            .deregister_image()
-            .image_id(image_id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code().unwrap_or_default().starts_with("InvalidAMIID.") => Ok(()),
-            Err(e) => Err(sdk_error("DeregisterImage", &e)),
-        }
+        absent_as_done(
+            self.client(region)
+                .await
+                .deregister_image()
+                .image_id(image_id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error("DeregisterImage", &e)),
+        )
     }
 
     async fn delete_snapshot(&self, region: &str, snapshot_id: &str) -> Result<(), CloudError> {
-        match self
-            .client(region)
-            .await
-            .delete_snapshot()
-            .snapshot_id(snapshot_id)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => Ok(()),
-            Err(e) => Err(sdk_error("DeleteSnapshot", &e)),
-        }
+        absent_as_done(
+            self.client(region)
+                .await
+                .delete_snapshot()
+                .snapshot_id(snapshot_id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| sdk_error("DeleteSnapshot", &e)),
+        )
     }
 
     async fn run_instance(
@@ -710,7 +540,7 @@ impl Cloud for Ec2 {
                     .iter()
                     .map(move |i| instance_facts(r.owner_id(), i))
             })
-            .filter(|f| f.state != "terminated")
+            .filter(|f| f.state != InstanceState::Terminated)
             .collect())
     }
 
@@ -800,5 +630,50 @@ impl Cloud for Ec2 {
             .await
             .map_err(|e| sdk_error("EnableImageDeprecation", &e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::error::ErrorMetadata;
+
+    fn err(code: &str) -> CloudError {
+        let meta = ErrorMetadata::builder().code(code).message("m").build();
+        classify("Call", &meta, "fallback".into())
+    }
+
+    #[test]
+    fn error_codes_are_classified_once() {
+        assert!(matches!(
+            err("UnauthorizedOperation"),
+            CloudError::AccessDenied { .. }
+        ));
+        assert!(matches!(
+            err("RequestLimitExceeded"),
+            CloudError::Throttled { .. }
+        ));
+        assert!(matches!(
+            err("InvalidAMIName.Duplicate"),
+            CloudError::NameTaken { .. }
+        ));
+        for code in [
+            "InvalidInstanceID.NotFound",
+            "InvalidInstanceID.Malformed",
+            "InvalidAMIID.Unavailable",
+            "InvalidSnapshot.NotFound",
+        ] {
+            assert!(matches!(err(code), CloudError::NotFound { .. }), "{code}");
+        }
+        assert!(matches!(
+            err("InternalError"),
+            CloudError::Unavailable { .. }
+        ));
+        match err("InvalidParameterValue") {
+            CloudError::Other { message, .. } => assert_eq!(message, "InvalidParameterValue: m"),
+            e => panic!("{e:?}"),
+        }
+        assert!(!err("AuthFailure").is_retryable());
+        assert!(err("RequestLimitExceeded").is_retryable());
     }
 }
