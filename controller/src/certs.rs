@@ -82,6 +82,10 @@ pub fn issue(
     {
         bail!("--name {name_:?}: use letters, digits, '-', '_' and '.' (it names the files)");
     }
+    // NAME.pem / NAME.key would overwrite the CA's own files.
+    if format!("{name_}.pem") == CA_CERT || format!("{name_}.key") == CA_KEY {
+        bail!("--name {name_:?} is reserved: it would overwrite the CA certificate and key");
+    }
     let ca_cert_path = dir.join(CA_CERT);
     // Refuses an expired or not-yet-valid CA with a message that says so.
     amiprep_proto::tls::load_certs(&ca_cert_path)?;
@@ -212,6 +216,10 @@ mod tests {
     fn bad_names_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 30).unwrap();
+        let ca_before = fs::read(dir.path().join(CA_KEY)).unwrap();
+        let e = issue(dir.path(), Kind::Agent, "ca", &[], 1).unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
+        assert_eq!(fs::read(dir.path().join(CA_KEY)).unwrap(), ca_before);
         for bad in ["", "../x", ".hidden", "a b"] {
             assert!(
                 issue(dir.path(), Kind::Agent, bad, &[], 1).is_err(),

@@ -259,15 +259,15 @@ async fn run_session(
                 }
                 Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Progress(p)) })) => {
                     registry.heartbeat(&handle);
-                    registry.deliver(&p.promotion_id.clone(), AgentEvent::Progress(p));
+                    hand_over(&registry, &handle, &p.promotion_id.clone(), AgentEvent::Progress(p));
                 }
                 Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Report(r)) })) => {
                     registry.heartbeat(&handle);
-                    registry.deliver(&r.promotion_id.clone(), AgentEvent::Report(r));
+                    hand_over(&registry, &handle, &r.promotion_id.clone(), AgentEvent::Report(r));
                 }
                 Ok(Some(AgentMessage { msg: Some(agent_message::Msg::VerifyResult(v)) })) => {
                     registry.heartbeat(&handle);
-                    registry.deliver(&v.promotion_id.clone(), AgentEvent::Verify(v));
+                    hand_over(&registry, &handle, &v.promotion_id.clone(), AgentEvent::Verify(v));
                 }
                 Ok(Some(_)) => registry.heartbeat(&handle),
                 Ok(None) => break "agent closed the session",
@@ -277,6 +277,29 @@ async fn run_session(
     };
     registry.remove(&handle);
     info!(instance = %handle.instance_id, session = %handle.session_id, "agent disconnected: {reason}");
+}
+
+/// Gives the registry an event from `from`'s session; what it refuses is
+/// logged with the sending instance and counted.
+fn hand_over(registry: &Registry, from: &SessionHandle, promotion_id: &str, event: AgentEvent) {
+    let kind = event.kind();
+    if let Err(refused) = registry.deliver(from, promotion_id, event) {
+        let reason = refused.reason();
+        crate::metrics::global()
+            .agent_messages_refused
+            .get_or_create(&crate::metrics::RefusedLabel {
+                kind: kind.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        // A late answer from the right agent is ordinary; anything else is
+        // an agent speaking for a promotion that is not its own.
+        if matches!(refused, crate::registry::Refused::NobodyWaiting(_)) {
+            info!(instance = %from.instance_id, session = %from.session_id, kind, "ignored agent message: {refused}");
+        } else {
+            warn!(instance = %from.instance_id, session = %from.session_id, kind, reason, "refused agent message: {refused}");
+        }
+    }
 }
 
 #[cfg(test)]

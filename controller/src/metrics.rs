@@ -23,6 +23,13 @@ pub struct ActionLabel {
     pub action: String,
 }
 
+/// An agent message the controller did not accept, by kind and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub kind: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
@@ -35,6 +42,7 @@ pub struct Metrics {
     pub step_seconds: Family<StateLabel, Histogram>,
     pub promotions: Family<StateLabel, Gauge>,
     pub agents: Gauge,
+    pub agent_messages_refused: Family<RefusedLabel, Counter>,
 }
 
 fn histogram() -> Histogram {
@@ -50,6 +58,7 @@ impl Metrics {
             Family::<StateLabel, Histogram>::new_with_constructor(histogram as fn() -> Histogram);
         let promotions = Family::<StateLabel, Gauge>::default();
         let agents = Gauge::default();
+        let agent_messages_refused = Family::<RefusedLabel, Counter>::default();
         registry.register("ec2_calls", "EC2 API attempts by action", ec2_calls.clone());
         registry.register(
             "ec2_throttles",
@@ -71,7 +80,13 @@ impl Metrics {
             "Connected agent sessions",
             agents.clone(),
         );
+        registry.register(
+            "agent_messages_refused",
+            "Agent messages about a promotion not accepted from the session that sent them, by kind and reason",
+            agent_messages_refused.clone(),
+        );
         Metrics {
+            agent_messages_refused,
             registry,
             ec2_calls,
             ec2_throttles,

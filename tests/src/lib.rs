@@ -583,6 +583,13 @@ pub fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
 
 /// Launches one instance from the endpoint's first listed image; returns its id.
 pub async fn run_instance(ec2: &aws_sdk_ec2::Client) -> String {
+    run_instance_tagged(ec2, &[]).await
+}
+
+/// Launches one instance tagged with `tags` at launch (so the instance
+/// simulator sees the tags from its first look).
+pub async fn run_instance_tagged(ec2: &aws_sdk_ec2::Client, tags: &[(&str, &str)]) -> String {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
     let images = ec2.describe_images().send().await.expect("DescribeImages");
     let image = images
         .images()
@@ -596,6 +603,18 @@ pub async fn run_instance(ec2: &aws_sdk_ec2::Client) -> String {
         .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
         .min_count(1)
         .max_count(1)
+        .set_tag_specifications((!tags.is_empty()).then(|| {
+            vec![
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(
+                        tags.iter()
+                            .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                            .collect(),
+                    ))
+                    .build(),
+            ]
+        }))
         .send()
         .await
         .expect("RunInstances");

@@ -4,6 +4,7 @@
 //! instance tagged `amiprep:role=canary`) gets a copy of its source's root
 //! as it was left by prepare, then "boots": a fresh machine id and host keys,
 //! as systemd and the first-boot key generation would make them.
+//! An instance tagged [`HAND_DRIVEN_TAG`] gets no agent: a test speaks for it.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -36,6 +37,9 @@ struct State {
     no_canary_agents: bool,
     log: Vec<String>,
 }
+
+/// Tag key of instances the simulator leaves alone (any value).
+pub const HAND_DRIVEN_TAG: &str = "amiprep-test:hand-driven";
 
 /// Instances started at once: agents and their fake IMDS are processes, and
 /// a few hundred instances must come up in seconds, not one after another.
@@ -192,7 +196,8 @@ async fn tick(cfg: &SimConfig, state: &Mutex<State>) -> anyhow::Result<()> {
             let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
             let known = s.running.contains_key(&id) || s.starting.contains(&id);
             let canary = tag("amiprep:role").as_deref() == Some("canary");
-            if st == "running" && !known && !(canary && s.no_canary_agents) {
+            let wanted = tag(HAND_DRIVEN_TAG).is_none() && !(canary && s.no_canary_agents);
+            if st == "running" && !known && wanted {
                 s.starting.insert(id.clone());
                 to_start.push((
                     id,

@@ -84,13 +84,22 @@ impl Visitor for Remover {
     fn visit(&mut self, ev: Event<'_>) -> Visit {
         match ev {
             Event::Entry(e) if e.meta.kind == Kind::Dir => Visit::Continue,
+            Event::Entry(e) if e.meta.kind == Kind::File && e.meta.nlink > 1 => {
+                // Another name shares this inode (perhaps outside the tree):
+                // leave it, and say so.
+                self.out.errors.push(RemoveError {
+                    rel: e.rel.to_path_buf(),
+                    error: hard_linked(e.meta.nlink),
+                });
+                Visit::Kept
+            }
             Event::Entry(e) => {
                 // Symlinks, FIFOs, sockets and devices are unlinked as names;
                 // nothing is ever opened.
                 match nix::unistd::unlinkat(e.parent_fd(), e.name, UnlinkatFlags::NoRemoveDir) {
                     Ok(()) | Err(Errno::ENOENT) => {
                         self.out.entries_removed += 1;
-                        if e.meta.kind == Kind::File && e.meta.nlink <= 1 {
+                        if e.meta.kind == Kind::File {
                             self.out.bytes_freed += e.meta.size;
                         }
                         Visit::Continue
@@ -146,9 +155,20 @@ impl Visitor for Remover {
     }
 }
 
+/// The refusal for a regular file with other names: truncating it would
+/// empty those too (a link in `/var/log` to `/etc/shadow`), and removing
+/// this name would not free anything anyway.
+fn hard_linked(nlink: u64) -> io::Error {
+    io::Error::other(format!(
+        "has {nlink} hard links; left alone (changing it would change the other names' content)"
+    ))
+}
+
 /// Removes `rel` and everything beneath it, never following a symlink (a
 /// link is removed as a link) and never entering another mount (a mount
 /// point and the directories holding it stay, listed in `mounts_skipped`).
+/// A regular file with more than one hard link stays and is reported in
+/// `errors` (so is the directory holding it).
 /// Failures are collected per entry; the rest is still removed. A missing
 /// `rel` is not an error. The root itself cannot be removed.
 pub fn remove_beneath(root: &Root, rel: &Path) -> io::Result<Removal> {
@@ -225,8 +245,8 @@ pub fn read_beneath(root: &Root, rel: &Path, limit: u64) -> io::Result<Vec<u8>> 
 /// Truncates regular file `rel` beneath `root` to zero bytes, in place: the
 /// inode stays, so owner, mode, extended attributes and security labels are
 /// kept, and a process holding it open keeps writing to the same file.
-/// Anything but a regular file (a symlink above all) is refused. Returns the
-/// bytes freed.
+/// Anything but a regular file (a symlink above all) is refused, and so is a
+/// file with more than one hard link. Returns the bytes freed.
 pub fn truncate_beneath(root: &Root, rel: &Path) -> io::Result<u64> {
     let rel = clean_rel(rel)?;
     let (parent, name) = open_parent(root, &rel)?;
@@ -252,6 +272,10 @@ pub fn truncate_beneath(root: &Root, rel: &Path) -> io::Result<u64> {
     )
     .map_err(|e| with_context(e.into(), &rel))?;
     let got = check_regular(&fd, Some(&meta)).map_err(|e| with_context(e, &rel))?;
+    // Checked on the open descriptor: a link made after the `statx` counts.
+    if got.nlink > 1 {
+        return Err(with_context(hard_linked(got.nlink), &rel));
+    }
     nix::unistd::ftruncate(&fd, 0).map_err(|e| with_context(e.into(), &rel))?;
     Ok(got.size)
 }

@@ -511,3 +511,41 @@ fn permission_errors_are_reported_and_the_walk_goes_on() {
     );
     assert_eq!(read_err, Some(std::io::ErrorKind::PermissionDenied));
 }
+
+#[test]
+fn a_hard_link_in_var_log_to_etc_shadow_leaves_the_shadow_file_intact() {
+    let (_t, root, _) = setup();
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::create_dir_all(root.join("var/log")).unwrap();
+    let shadow = root.join("etc/shadow");
+    fs::write(&shadow, b"root:$6$salt$hash:19000:0:99999:7:::\n").unwrap();
+    fs::hard_link(&shadow, root.join("var/log/auth.log")).unwrap();
+    fs::write(root.join("var/log/syslog"), b"ordinary log\n").unwrap();
+    let r = Root::open(&root).unwrap();
+
+    let e = truncate_beneath(&r, Path::new("var/log/auth.log")).unwrap_err();
+    assert!(e.to_string().contains("2 hard links"), "{e}");
+    assert!(e.to_string().contains("var/log/auth.log"), "{e}");
+    assert_eq!(
+        fs::read(&shadow).unwrap(),
+        b"root:$6$salt$hash:19000:0:99999:7:::\n"
+    );
+    // An ordinary log is still truncated.
+    assert_eq!(
+        truncate_beneath(&r, Path::new("var/log/syslog")).unwrap(),
+        13
+    );
+
+    let rm = remove_beneath(&r, Path::new("var/log")).unwrap();
+    assert!(!rm.gone, "the directory holding the linked file stays");
+    assert_eq!(rm.errors.len(), 1, "{:?}", rm.errors);
+    assert_eq!(rm.errors[0].rel, Path::new("var/log/auth.log"));
+    assert!(rm.errors[0].error.to_string().contains("hard links"));
+    assert!(root.join("var/log/auth.log").exists());
+    assert!(!root.join("var/log/syslog").exists());
+    assert_eq!(fs::metadata(&shadow).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::read(&shadow).unwrap(),
+        b"root:$6$salt$hash:19000:0:99999:7:::\n"
+    );
+}

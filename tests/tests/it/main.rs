@@ -11,3 +11,4 @@ mod packaging;
 mod promote;
 mod session;
 mod tls;
+mod trust;

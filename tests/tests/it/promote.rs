@@ -389,7 +389,7 @@ fn happy_path_with_canary_and_copy_to_second_region() {
     }
 }
 
-fn scrape(port: u16) -> String {
+pub fn scrape(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -401,7 +401,7 @@ fn scrape(port: u16) -> String {
 }
 
 /// Runs `amiprep promote SOURCE ...` with the test policy.
-fn promote(w: &World, extra: &[&str]) -> (std::process::Output, String) {
+pub fn promote(w: &World, extra: &[&str]) -> (std::process::Output, String) {
     promote_as(w, &w.source, "img-{promotion}", extra)
 }
 
