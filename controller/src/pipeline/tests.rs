@@ -247,7 +247,12 @@ async fn play_agents(cloud: Arc<FakeCloud>, registry: Arc<Registry>, verdict_ok:
                     },
                     Some(tx),
                 );
-                tokio::spawn(answer(rx, registry.clone(), verdict_ok.clone()));
+                tokio::spawn(answer(
+                    rx,
+                    registry.clone(),
+                    handle.clone(),
+                    verdict_ok.clone(),
+                ));
                 sessions.insert(id, handle);
             } else if !running && let Some(h) = sessions.remove(&id) {
                 registry.remove(&h);
@@ -260,21 +265,25 @@ async fn play_agents(cloud: Arc<FakeCloud>, registry: Arc<Registry>, verdict_ok:
 async fn answer(
     mut rx: mpsc::Receiver<Result<amiprep_proto::v1::ControllerMessage, tonic::Status>>,
     registry: Arc<Registry>,
+    session: SessionHandle,
     verdict_ok: Arc<AtomicBool>,
 ) {
     while let Some(Ok(m)) = rx.recv().await {
         match m.msg {
-            Some(controller_message::Msg::Prepare(p)) => registry.deliver(
-                &p.promotion_id,
-                AgentEvent::Report(Report {
-                    promotion_id: p.promotion_id.clone(),
-                    ready: true,
-                    report_json: r#"{"steps":[]}"#.into(),
-                    source_machine_id_sha256: "machine".into(),
-                    source_host_key_fingerprints: vec!["SHA256:key".into()],
-                    ..Default::default()
-                }),
-            ),
+            Some(controller_message::Msg::Prepare(p)) => {
+                let _ = registry.deliver(
+                    &session,
+                    &p.promotion_id,
+                    AgentEvent::Report(Report {
+                        promotion_id: p.promotion_id.clone(),
+                        ready: true,
+                        report_json: r#"{"steps":[]}"#.into(),
+                        source_machine_id_sha256: "machine".into(),
+                        source_host_key_fingerprints: vec!["SHA256:key".into()],
+                        ..Default::default()
+                    }),
+                );
+            }
             Some(controller_message::Msg::Verify(v)) => {
                 assert_eq!(
                     v.expectations
@@ -284,7 +293,10 @@ async fn answer(
                     "the canary is asked to differ from the recorded source identity"
                 );
                 let ok = verdict_ok.load(Ordering::SeqCst);
-                registry.deliver(
+                // A late answer after the waiter went is refused as
+                // nobody-waiting, as the gateway would; nothing to do then.
+                let _ = registry.deliver(
+                    &session,
                     &v.promotion_id,
                     AgentEvent::Verify(VerifyResult {
                         promotion_id: v.promotion_id.clone(),
