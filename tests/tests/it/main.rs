@@ -10,4 +10,5 @@ mod identity;
 mod packaging;
 mod promote;
 mod session;
+mod system;
 mod tls;
