@@ -11,6 +11,7 @@ pub mod fault;
 pub mod imds;
 pub mod packages;
 pub mod sim;
+pub mod vm;
 
 use std::{
     fs,
@@ -165,6 +166,25 @@ impl Pki {
             .write(pki.path(), "aws-identity")
             .expect("writing the identity key");
         pki
+    }
+
+    /// A new PKI directory with `other`'s keys and certificates (its CA, its
+    /// controller, agent and identity-signing material), so a controller of
+    /// this one accepts agents configured for `other` (a VM image's).
+    pub fn copy_of(other: &Pki) -> Pki {
+        let dir = tempfile::Builder::new()
+            .prefix("amiprep-test-")
+            .tempdir()
+            .expect("temp dir");
+        for entry in fs::read_dir(other.path()).expect("reading the PKI") {
+            let path = entry.expect("reading the PKI").path();
+            let keep = path.extension().is_some_and(|e| e == "pem" || e == "key");
+            if keep && path.is_file() {
+                fs::copy(&path, dir.path().join(path.file_name().expect("file name")))
+                    .expect("copying the PKI");
+            }
+        }
+        Pki { dir }
     }
 
     pub fn path(&self) -> &Path {
@@ -397,6 +417,17 @@ pub struct FakeImds {
 
 impl FakeImds {
     pub fn start(pki: &impl PkiFiles, instance_id: &str, signing_stem: &str) -> FakeImds {
+        Self::start_with(pki, instance_id, signing_stem, &[])
+    }
+
+    /// As [`FakeImds::start`], with more `fake-imds serve` arguments (the
+    /// launch key, user data).
+    pub fn start_with(
+        pki: &impl PkiFiles,
+        instance_id: &str,
+        signing_stem: &str,
+        extra: &[String],
+    ) -> FakeImds {
         let port_file = pki.file(&format!("imds-{instance_id}.port"));
         let _ = fs::remove_file(&port_file);
         let mut cmd = Command::new(bin("fake-imds"));
@@ -407,7 +438,8 @@ impl FakeImds {
             .arg(pki.file(&format!("{signing_stem}.pem")))
             .arg("--key")
             .arg(pki.file(&format!("{signing_stem}.key")))
-            .args(["--instance-id", instance_id]);
+            .args(["--instance-id", instance_id])
+            .args(extra);
         let mut proc = Proc::spawn(
             "fake-imds",
             cmd,

@@ -25,7 +25,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// The target directory the running test binary was built in
 /// (`TARGET/debug/deps/it-HASH` → `TARGET`).
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let mut dir = exe.parent().expect("test executable directory");
     if dir.ends_with("deps") {

@@ -10,5 +10,6 @@ mod identity;
 mod packaging;
 mod promote;
 mod session;
+mod system;
 mod tls;
 mod trust;
