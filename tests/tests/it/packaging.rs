@@ -620,7 +620,7 @@ fn ec2_action_scanner_knows_the_sdk_and_finds_the_controllers_calls() {
     let files = found
         .get("DescribeInstances")
         .unwrap_or_else(|| panic!("DescribeInstances not found in controller/src: {found:?}"));
-    assert!(files.iter().any(|f| f == "ec2.rs"), "{files:?}");
+    assert!(files.iter().any(|f| f == "cloud/ec2.rs"), "{files:?}");
 }
 
 #[test]
