@@ -481,7 +481,34 @@ fn looks_like_identifier(secret: &[u8]) -> bool {
         .iter()
         .all(|b| b.is_ascii_alphabetic() || *b == b'.' || *b == b'_')
         && s.contains(&b'.');
-    (lower_ident && s.iter().any(|b| matches!(*b, b'_' | b'.' | b'-'))) || camel_ident
+    (lower_ident && s.iter().any(|b| matches!(*b, b'_' | b'.' | b'-')))
+        || camel_ident
+        || dotted_name(s)
+}
+
+/// `passwd.hashed-password.root`, `db.password-file`: two or more
+/// dot-separated words (letters joined by `-` or `_`, digits only at a
+/// word's end), the shape of a credential's name in systemd's
+/// `LoadCredential=` and of configuration keys, never of a random value.
+fn dotted_name(s: &[u8]) -> bool {
+    let mut words = 0;
+    for word in s.split(|b| *b == b'.') {
+        let letters_end = word
+            .iter()
+            .position(|b| !(b.is_ascii_alphabetic() || matches!(*b, b'-' | b'_')))
+            .unwrap_or(word.len());
+        let (letters, digits) = word.split_at(letters_end);
+        if !letters.first().is_some_and(u8::is_ascii_alphabetic)
+            || !digits.iter().all(u8::is_ascii_digit)
+            || letters
+                .windows(2)
+                .any(|w| !w[0].is_ascii_alphabetic() && !w[1].is_ascii_alphabetic())
+        {
+            return false;
+        }
+        words += 1;
+    }
+    words >= 2
 }
 
 fn b64_decode(text: &[u8], url: bool) -> Option<Vec<u8>> {
@@ -607,6 +634,29 @@ mod tests {
         }
         for s in ["Kq2ZtW9xLm4VbN8c", "Sup3r-S3cret-Passw0rd!"] {
             assert!(!is_placeholder(s.as_bytes()), "{s}");
+        }
+    }
+
+    #[test]
+    fn dotted_names_are_not_values() {
+        for n in [
+            "passwd.hashed-password.root",
+            "db.password-file",
+            "a.b",
+            "tls.key2",
+        ] {
+            assert!(dotted_name(n.as_bytes()), "{n}");
+            assert!(looks_like_identifier(n.as_bytes()), "{n}");
+        }
+        for v in [
+            "Kq2ZtW9x.Lm4VbN8c",
+            "abc",
+            "a..b",
+            ".a.b",
+            "x9y.z",
+            "Sup3r.S3cret",
+        ] {
+            assert!(!dotted_name(v.as_bytes()), "{v}");
         }
     }
 
