@@ -78,6 +78,95 @@ fn scan_clean_debian_root_reports_only_private_keys() {
     assert_eq!(v["stats"]["errors"], 0, "{stderr}");
 }
 
+fn systemd_root() -> PathBuf {
+    let p = std::env::var_os("AMIPREP_DEBIAN_SYSTEMD_ROOT").map_or_else(
+        || PathBuf::from("/root/.cache/amiprep-tests/debian-bookworm-systemd"),
+        PathBuf::from,
+    );
+    assert!(
+        p.join("usr/lib/systemd/system/systemd-firstboot.service")
+            .exists(),
+        "no debootstrapped Debian root with systemd at {} (set AMIPREP_DEBIAN_SYSTEMD_ROOT, or run scripts/test-env.sh to build it)",
+        p.display()
+    );
+    p
+}
+
+/// Findings other than host private keys (`prepare` removes those before
+/// its scan).
+fn beyond_host_keys(v: &Value) -> Vec<Value> {
+    findings(v, "findings")
+        .into_iter()
+        .filter(|x| {
+            !x["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("etc/ssh/ssh_host_"))
+        })
+        .collect()
+}
+
+/// Regression (issue 14): on a merged-/usr root with systemd, the units'
+/// `LoadCredential=passwd.hashed-password.root` lines were reported, and the
+/// dpkg check missed them because dpkg names them `lib/systemd/…`.
+#[test]
+fn scan_systemd_debian_root_reports_nothing_but_host_keys() {
+    let root = systemd_root();
+    let (code, v, stderr) = scan_json(&root, &[]);
+    let other = beyond_host_keys(&v);
+    assert!(
+        other.is_empty(),
+        "findings on a clean systemd root: {other:#?}"
+    );
+    assert!(code == 0 || code == 1, "exit {code}, stderr: {stderr}");
+    assert_eq!(v["stats"]["errors"], 0, "{stderr}");
+}
+
+/// The scanner's own rules carry example credentials; the binary must not
+/// be reported for them (issue 14: 18 findings in `usr/bin/amiprep-agent`).
+/// The release binary is checked too when it has been built (the packaging
+/// test scans the packaged one in every run).
+#[test]
+fn scan_of_the_agent_binary_itself_is_clean() {
+    let debug = PathBuf::from(env!("CARGO_BIN_EXE_amiprep-agent"));
+    let mut bins = vec![debug.clone()];
+    if let Some(release) = debug
+        .parent()
+        .and_then(Path::parent)
+        .map(|t| t.join("release/amiprep-agent"))
+        .filter(|p| p.exists())
+    {
+        bins.push(release);
+    }
+    for bin in bins {
+        // A debug build is larger than the default size cap: read it all.
+        let out = run(&[
+            "scan",
+            "--format",
+            "json",
+            "--max-file-size",
+            "4000000000",
+            bin.to_str().expect("utf-8 path"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let size = std::fs::metadata(&bin).expect("binary").len();
+        assert_eq!(v["stats"]["files"], 1, "{}: {stderr}", bin.display());
+        assert_eq!(
+            v["stats"]["bytes"],
+            size,
+            "{} not read whole",
+            bin.display()
+        );
+        assert_eq!(
+            findings(&v, "findings"),
+            Vec::<Value>::new(),
+            "{} reports itself",
+            bin.display()
+        );
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+    }
+}
+
 #[test]
 fn scan_fixture_finds_every_planted_credential_and_no_lookalike() {
     let dir = tempfile::tempdir().expect("tempdir");

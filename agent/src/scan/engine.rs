@@ -327,8 +327,9 @@ fn accept(rule: &Rule, secret: &[u8], key: Option<&[u8]>, whole: &[u8]) -> bool 
         {
             return false;
         }
-        // A value that reads as a reference to a variable, not a literal.
-        if looks_like_identifier(secret) {
+        // A value that reads as a reference to a variable or a call, not a
+        // literal.
+        if looks_like_identifier(secret) || looks_like_call(secret) {
             return false;
         }
     }
@@ -367,6 +368,7 @@ pub fn shannon_entropy(data: &[u8]) -> f64 {
         .sum()
 }
 
+/// Words that make a value documentation or a template's stand-in.
 const PLACEHOLDER_WORDS: &[&str] = &[
     "example",
     "placeholder",
@@ -381,22 +383,11 @@ const PLACEHOLDER_WORDS: &[&str] = &[
     "fixme",
     "todo",
     "sample",
-    "xxxx",
-    "****",
-    "....",
-    "<",
-    ">",
-    "${",
-    "$(",
-    "{{",
-    "}}",
-    "%(",
-    "%s",
-    "%d",
-    "<%",
-    "#{",
-    "@@",
 ];
+
+/// Runs of mask characters (`****`, `xxxx`): four in a row almost never
+/// occur in a random value.
+const MASK_RUNS: &[&str] = &["xxxx", "****", "....", "####", "____", "----"];
 
 const PLACEHOLDER_VALUES: &[&str] = &[
     "password",
@@ -438,17 +429,22 @@ const PLACEHOLDER_VALUES: &[&str] = &[
 ];
 
 /// Values that stand for a secret rather than being one: templates,
-/// variables, documentation values, masks, empty-ish strings.
+/// variables, documentation values, masks, empty-ish strings. Decided by
+/// the value's shape (a whole template expression, an embedded reference
+/// such as `${NAME}`, a mask run, a documentation word) and never by its
+/// first character: a random key may well start with `%`, `@` or `*`, or
+/// contain `%s`.
 pub fn is_placeholder(secret: &[u8]) -> bool {
     let s = String::from_utf8_lossy(secret).to_ascii_lowercase();
     let t = s.trim_matches(|c: char| c == '"' || c == '\'' || c.is_whitespace());
-    if t.is_empty() {
+    if t.is_empty() || is_template(t) || contains_reference(t) || looks_like_path(t) {
         return true;
     }
-    if t.starts_with(['$', '%', '{', '[', '(', '@', '*']) {
+    // Elided: `sk-ant-...`, `AKIA…`.
+    if t.ends_with("...") || t.contains('…') {
         return true;
     }
-    if PLACEHOLDER_WORDS.iter().any(|w| t.contains(w)) {
+    if PLACEHOLDER_WORDS.iter().any(|w| t.contains(w)) || MASK_RUNS.iter().any(|w| t.contains(w)) {
         return true;
     }
     if PLACEHOLDER_VALUES.contains(&t) {
@@ -471,6 +467,127 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// A reference to a file holding the secret: `/run/secrets/db`,
+/// `./db.pass`, `~/.pgpass`, `file:/etc/app/key`. Absolute paths need two
+/// components of file-name characters (a base64 value has `+`, `=`, and
+/// rarely such shape).
+fn looks_like_path(t: &str) -> bool {
+    let rest = t.strip_prefix("file:").unwrap_or(t);
+    let (rel, min) = if let Some(r) = rest.strip_prefix("~/").or_else(|| rest.strip_prefix("./")) {
+        (r, 1)
+    } else if let Some(r) = rest.strip_prefix("../") {
+        (r, 1)
+    } else if let Some(r) = rest.strip_prefix('/') {
+        (r, 2)
+    } else {
+        return false;
+    };
+    let parts: Vec<&str> = rel.split('/').collect();
+    parts.len() >= min
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        })
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | ' '))
+}
+
+/// The whole value is one template expression or variable reference:
+/// `$NAME`, `${NAME}`, `$(cmd)`, `{{ name }}`, `<name>`, `%(name)s`,
+/// `%NAME%`, `@NAME@`, `#{name}`, `<%= name %>`, `[name]`.
+fn is_template(t: &str) -> bool {
+    let inner = |open: &str, close: &str| {
+        t.strip_prefix(open)
+            .and_then(|r| r.strip_suffix(close))
+            .map(str::trim)
+    };
+    if let Some(name) = t.strip_prefix('$')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return true;
+    }
+    // A shell expansion cut off at a space: `$(cat /run/secrets/db)`
+    // seen as `$(cat`, `${DB_PASS:-x}` as `${DB_PASS:-x}`. The word after
+    // `$`, `$(` or `${` is a name (letters and `_`), not random characters.
+    let after = [("$(", &[')'][..]), ("${", &['}', ':']), ("$", &['/', ':'])]
+        .into_iter()
+        .find_map(|(p, tails)| t.strip_prefix(p).map(|r| (r, tails)));
+    if let Some((rest, tails)) = after {
+        let word = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(rest, |i| &rest[..i]);
+        let tail = &rest[word.len()..];
+        if word.len() >= 2
+            && word.chars().all(|c| c.is_ascii_alphabetic() || c == '_')
+            && (tail.is_empty() || tail.starts_with(tails))
+        {
+            return true;
+        }
+    }
+    // Expansions and template tags: whatever they enclose is evaluated.
+    if [
+        ("${", "}"),
+        ("$(", ")"),
+        ("{{", "}}"),
+        ("<%", "%>"),
+        ("{%", "%}"),
+    ]
+    .iter()
+    .any(|(o, c)| inner(o, c).is_some_and(|n| !n.is_empty()))
+    {
+        return true;
+    }
+    [
+        ("<", ">"),
+        ("%(", ")s"),
+        ("%", "%"),
+        ("@", "@"),
+        ("#{", "}"),
+        ("[", "]"),
+        ("{", "}"),
+    ]
+    .iter()
+    .any(|(o, c)| inner(o, c).is_some_and(|n| is_name(n) || n.contains('|') || n.contains(':')))
+}
+
+/// An embedded reference to a variable: `postgres://u:${DB_PASS}@db`,
+/// `{{ vault_token }}`, `%(password)s`. A random value holding `%s` or `$(`
+/// is not one: the reference must enclose a name.
+fn contains_reference(t: &str) -> bool {
+    for (open, close) in [
+        ("${", "}"),
+        ("{{", "}}"),
+        ("#{", "}"),
+        ("%(", ")s"),
+        ("<%", "%>"),
+    ] {
+        let mut rest = t;
+        while let Some(i) = rest.find(open) {
+            let after = &rest[i + open.len()..];
+            if let Some(j) = after.find(close)
+                && is_name(after[..j].trim())
+            {
+                return true;
+            }
+            rest = after;
+        }
+    }
+    // `<token>`, `<your-api-key>`: a word of four or more letters (a
+    // random value with `<` and `>` rarely encloses one).
+    t.split('<').skip(1).any(|r| {
+        r.split_once('>').is_some_and(|(w, _)| {
+            w.len() >= 4
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || matches!(c, '-' | '_'))
+        })
+    })
+}
+
 /// `self.password`, `get_token`, `os.environ`: code, not a value.
 fn looks_like_identifier(secret: &[u8]) -> bool {
     let s = secret;
@@ -481,7 +598,55 @@ fn looks_like_identifier(secret: &[u8]) -> bool {
         .iter()
         .all(|b| b.is_ascii_alphabetic() || *b == b'.' || *b == b'_')
         && s.contains(&b'.');
-    (lower_ident && s.iter().any(|b| matches!(*b, b'_' | b'.' | b'-'))) || camel_ident
+    (lower_ident && s.iter().any(|b| matches!(*b, b'_' | b'.' | b'-')))
+        || camel_ident
+        || dotted_name(s)
+}
+
+/// `getpass(prompt)`, `get_token(request)`: a name of three or more
+/// characters, then names in parentheses to the end.
+fn looks_like_call(s: &[u8]) -> bool {
+    let name = s
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || matches!(*b, b'_' | b'.')))
+        .unwrap_or(s.len());
+    let Some(args) = s
+        .get(name..)
+        .and_then(|r| r.strip_prefix(b"("))
+        .and_then(|r| r.strip_suffix(b")"))
+    else {
+        return false;
+    };
+    name >= 3
+        && s[0].is_ascii_alphabetic()
+        && args
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(*b, b'_' | b'.' | b','))
+}
+
+/// `passwd.hashed-password.root`, `db.password-file`: two or more
+/// dot-separated words (letters joined by `-` or `_`, digits only at a
+/// word's end), the shape of a credential's name in systemd's
+/// `LoadCredential=` and of configuration keys, never of a random value.
+fn dotted_name(s: &[u8]) -> bool {
+    let mut words = 0;
+    for word in s.split(|b| *b == b'.') {
+        let letters_end = word
+            .iter()
+            .position(|b| !(b.is_ascii_alphabetic() || matches!(*b, b'-' | b'_')))
+            .unwrap_or(word.len());
+        let (letters, digits) = word.split_at(letters_end);
+        if !letters.first().is_some_and(u8::is_ascii_alphabetic)
+            || !digits.iter().all(u8::is_ascii_digit)
+            || letters
+                .windows(2)
+                .any(|w| !w[0].is_ascii_alphabetic() && !w[1].is_ascii_alphabetic())
+        {
+            return false;
+        }
+        words += 1;
+    }
+    words >= 2
 }
 
 fn b64_decode(text: &[u8], url: bool) -> Option<Vec<u8>> {
@@ -606,6 +771,54 @@ mod tests {
             assert!(is_placeholder(p.as_bytes()), "{p}");
         }
         for s in ["Kq2ZtW9xLm4VbN8c", "Sup3r-S3cret-Passw0rd!"] {
+            assert!(!is_placeholder(s.as_bytes()), "{s}");
+        }
+    }
+
+    #[test]
+    fn dotted_names_are_not_values() {
+        for n in [
+            "passwd.hashed-password.root",
+            "db.password-file",
+            "a.b",
+            "tls.key2",
+        ] {
+            assert!(dotted_name(n.as_bytes()), "{n}");
+            assert!(looks_like_identifier(n.as_bytes()), "{n}");
+        }
+        for v in [
+            "Kq2ZtW9x.Lm4VbN8c",
+            "abc",
+            "a..b",
+            ".a.b",
+            "x9y.z",
+            "Sup3r.S3cret",
+        ] {
+            assert!(!dotted_name(v.as_bytes()), "{v}");
+        }
+    }
+
+    #[test]
+    fn placeholders_by_shape_not_first_character() {
+        for p in [
+            "%(db_password)s",
+            "@DB_PASSWORD@",
+            "%DB_PASSWORD%",
+            "$DB_PASSWORD",
+            "postgres://app:${DB_PASS}@db/app",
+            "********",
+            "<%= @password %>",
+            "[secret]",
+        ] {
+            assert!(is_placeholder(p.as_bytes()), "{p}");
+        }
+        for s in [
+            "%k2#zq9&vbn8-c!x3w^t1m+r",
+            "@9vK2m!qz#7x^tR4&bw-1nL",
+            "*j4!m9x^2qz#kv8&t-1bwr7",
+            "a8%sK2vb#9qz!x4^mt-7w&n",
+            "$(k2x9!vq4#zm^8t&b-1w",
+        ] {
             assert!(!is_placeholder(s.as_bytes()), "{s}");
         }
     }

@@ -1,6 +1,12 @@
 //! Secret rules as data: the TOML files under `rules/` are embedded in the
 //! binary, parsed and compiled once. Each rule carries its own examples and
-//! negative examples; `tests` checks them all.
+//! negative examples; `tests` and `amiprep-agent rules check` check them all.
+//!
+//! The rule files hold example credentials, so they are embedded masked
+//! (every byte XORed with [`MASK`] at compile time) and unmasked only when
+//! loaded: no byte sequence of the shipped binary is one of its own
+//! examples, and a scan of a host with the agent installed does not report
+//! the agent.
 
 use std::sync::OnceLock;
 
@@ -9,13 +15,32 @@ use serde::{Deserialize, Serialize};
 
 /// The rule files, in priority order: when two rules report overlapping
 /// text, the one listed first wins (specific formats before generic ones).
-const RULE_FILES: &[(&str, &str)] = &[
-    ("keys.toml", include_str!("rules/keys.toml")),
-    ("cloud.toml", include_str!("rules/cloud.toml")),
-    ("tokens.toml", include_str!("rules/tokens.toml")),
-    ("files.toml", include_str!("rules/files.toml")),
-    ("generic.toml", include_str!("rules/generic.toml")),
+const RULE_FILES: &[(&str, &[u8])] = &[
+    ("keys.toml", &mask(include_bytes!("rules/keys.toml"))),
+    ("cloud.toml", &mask(include_bytes!("rules/cloud.toml"))),
+    ("tokens.toml", &mask(include_bytes!("rules/tokens.toml"))),
+    ("files.toml", &mask(include_bytes!("rules/files.toml"))),
+    ("generic.toml", &mask(include_bytes!("rules/generic.toml"))),
 ];
+
+/// Every ASCII letter and digit masks to a control or punctuation byte, so
+/// a masked rule file holds no run of credential-alphabet bytes.
+const MASK: u8 = 0x5a;
+
+/// Runs at compile time: only the masked copy is emitted into the binary.
+const fn mask<const N: usize>(src: &[u8; N]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = src[i] ^ MASK;
+        i += 1;
+    }
+    out
+}
+
+fn unmask(masked: &[u8]) -> Vec<u8> {
+    masked.iter().map(|b| b ^ MASK).collect()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -162,9 +187,13 @@ pub enum RuleError {
 /// Parse and compile every embedded rule.
 pub fn load_builtin() -> Result<Vec<Rule>, RuleError> {
     let mut rules: Vec<Rule> = Vec::new();
-    for (file, text) in RULE_FILES {
+    for (file, masked) in RULE_FILES {
+        let text = String::from_utf8(unmask(masked)).map_err(|_| RuleError::Invalid {
+            id: (*file).to_owned(),
+            problem: "rule file is not UTF-8",
+        })?;
         let parsed: RuleFile =
-            toml::from_str(text).map_err(|source| RuleError::Parse { file, source })?;
+            toml::from_str(&text).map_err(|source| RuleError::Parse { file, source })?;
         for spec in parsed.rules {
             if rules.iter().any(|r| r.spec.id == spec.id) {
                 return Err(RuleError::Invalid {

@@ -324,7 +324,15 @@ fn drop_package_files(root: &Root, findings: &mut Vec<Finding>, max: u64) {
         return;
     }
     let info = Path::new("var/lib/dpkg/info");
-    let wanted: HashSet<&str> = findings.iter().map(|f| f.path.as_str()).collect();
+    // dpkg names a file by the path it unpacked it to (`lib/systemd/…`);
+    // on a merged-/usr root the walker meets it at `usr/lib/systemd/…`.
+    let aliases = top_level_aliases(root);
+    let mut wanted: HashMap<String, String> = HashMap::new(); // dpkg name -> finding path
+    for f in findings.iter() {
+        for name in dpkg_names(&f.path, &aliases) {
+            wanted.entry(name).or_insert_with(|| f.path.clone());
+        }
+    }
     let mut lists = Vec::new();
     let opts = WalkOptions {
         max_depth: Some(1),
@@ -354,8 +362,8 @@ fn drop_package_files(root: &Root, findings: &mut Vec<Finding>, max: u64) {
             else {
                 continue;
             };
-            if wanted.contains(path) {
-                expected.insert(path.to_owned(), sum.to_ascii_lowercase());
+            if let Some(real) = wanted.get(path.trim_start_matches('/')) {
+                expected.insert(real.clone(), sum.to_ascii_lowercase());
             }
         }
     }
@@ -368,4 +376,93 @@ fn drop_package_files(root: &Root, findings: &mut Vec<Finding>, max: u64) {
         }
     }
     findings.retain(|f| !shipped.contains(&f.path));
+}
+
+/// The root's own top-level directory symlinks (`lib -> usr/lib`, `bin ->
+/// usr/bin`, …), read with `readlinkat` and never followed: (alias, target),
+/// both root-relative. Targets leaving the root or not plain paths are
+/// ignored.
+fn top_level_aliases(root: &Root) -> Vec<(PathBuf, PathBuf)> {
+    let mut links = Vec::new();
+    let opts = WalkOptions {
+        max_depth: Some(1),
+        ..WalkOptions::default()
+    };
+    let _ = walk(root, Path::new(""), &opts, |ev| {
+        if let Event::Entry(e) = ev
+            && e.meta.kind == Kind::Symlink
+            && e.rel.components().count() == 1
+            && let Ok(target) = e.read_link()
+        {
+            links.push((e.rel.to_path_buf(), PathBuf::from(target)));
+        }
+        Control::Continue
+    });
+    links
+        .into_iter()
+        .filter_map(|(alias, target)| {
+            let target = target.strip_prefix("/").unwrap_or(&target).to_path_buf();
+            let plain = target
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            (plain && target.components().count() > 0).then_some((alias, target))
+        })
+        .collect()
+}
+
+/// The names dpkg may list `path` under: the path itself, and the path
+/// through each top-level alias whose target contains it.
+fn dpkg_names(path: &str, aliases: &[(PathBuf, PathBuf)]) -> Vec<String> {
+    let mut names = vec![path.to_owned()];
+    for (alias, target) in aliases {
+        if let Ok(rest) = Path::new(path).strip_prefix(target)
+            && !rest.as_os_str().is_empty()
+        {
+            names.push(alias.join(rest).to_string_lossy().into_owned());
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_names_follow_merged_usr_aliases() {
+        let aliases = vec![
+            (PathBuf::from("lib"), PathBuf::from("usr/lib")),
+            (PathBuf::from("bin"), PathBuf::from("usr/bin")),
+        ];
+        assert_eq!(
+            dpkg_names("usr/lib/systemd/system/a.service", &aliases),
+            [
+                "usr/lib/systemd/system/a.service",
+                "lib/systemd/system/a.service"
+            ]
+        );
+        assert_eq!(dpkg_names("usr/libexec/x", &aliases), ["usr/libexec/x"]);
+        assert_eq!(dpkg_names("etc/x", &aliases), ["etc/x"]);
+    }
+
+    #[test]
+    fn top_level_aliases_are_read_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("usr/lib")).expect("mkdir");
+        std::os::unix::fs::symlink("usr/lib", dir.path().join("lib")).expect("symlink");
+        std::os::unix::fs::symlink("/usr/bin", dir.path().join("bin")).expect("symlink");
+        std::os::unix::fs::symlink("../../etc", dir.path().join("up")).expect("symlink");
+        std::fs::create_dir_all(dir.path().join("usr/sub")).expect("mkdir");
+        std::os::unix::fs::symlink("/usr/lib", dir.path().join("usr/sub/deep")).expect("symlink");
+        let root = Root::open(dir.path()).expect("root");
+        let mut a = top_level_aliases(&root);
+        a.sort();
+        assert_eq!(
+            a,
+            [
+                (PathBuf::from("bin"), PathBuf::from("usr/bin")),
+                (PathBuf::from("lib"), PathBuf::from("usr/lib")),
+            ]
+        );
+    }
 }

@@ -462,14 +462,48 @@ pub fn generate(root: &Path) -> Fixture {
         &format!("[oauth]\nclient_id = shop-web\nclient_secret = {cs}\n"),
         &[("generic-secret", &cs)],
     );
-    // Django's key alphabet without `%`, `@` and `*`: a random key may then
-    // hold `%s`, `@@` or start like a template or a mask, which the
-    // placeholder filter rightly skips (about one run in ten failed).
-    let django = from_set(b"abcdefghijklmnopqrstuvwxyz0123456789!#^&-_+", 50);
+    // Django's own key alphabet (`get_random_secret_key`): a key may start
+    // with `%`, `@` or `*`, or hold `%s` or `$(`, and is still a secret.
+    let django = from_set(b"abcdefghijklmnopqrstuvwxyz0123456789!@#$%^&*(-_=+)", 50);
     b.plant(
         "opt/shop/shop/settings.py",
         &format!("DEBUG = False\nSECRET_KEY = '{django}'\nALLOWED_HOSTS = ['shop.example.com']\n"),
         &[("generic-secret", &django)],
+    );
+    // Structural: credential-named keys with human-chosen values, which
+    // the generic rule's entropy bar would not reach.
+    let human = format!(
+        "{}{}",
+        from_set(b"abcdefghijklmnop", 6),
+        from_set(b"0123456789", 3)
+    );
+    let psk = format!(
+        "{}{}",
+        from_set(b"abcdefghijkl", 7),
+        from_set(b"0123456789", 2)
+    );
+    b.plant(
+        "etc/redis/redis.conf",
+        &format!("bind 127.0.0.1\nport 6379\nrequirepass {human}\nmaxmemory 256mb\n"),
+        &[("config-credential", &human)],
+    );
+    b.plant(
+        "etc/sssd/sssd.conf",
+        &format!("[domain/corp]\nid_provider = ldap\nldap_default_bind_dn = cn=sssd,dc=corp\nldap_default_authtok = {psk}\n"),
+        &[("config-credential", &psk)],
+    );
+    let wp = from_set(
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-_",
+        24,
+    );
+    let salt = from_set(
+        b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&*+-_;:,.<>()[]|",
+        64,
+    );
+    b.plant(
+        "var/www/html/wp-config.php",
+        &format!("<?php\ndefine( 'DB_NAME', 'wordpress' );\ndefine( 'DB_USER', 'wp' );\ndefine( 'DB_PASSWORD', '{wp}' );\ndefine( 'DB_HOST', 'localhost' );\ndefine( 'AUTH_KEY',         '{salt}' );\n$table_prefix = 'wp_';\n"),
+        &[("php-define-secret", &wp), ("php-define-secret", &salt)],
     );
     let yaml_pw = password();
     b.plant(
@@ -494,6 +528,18 @@ pub fn generate(root: &Path) -> Fixture {
     b.lookalike(
         "root/.ssh/known_hosts",
         &format!("|1|{}=|{}= ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBB{}=\n", b64(27), b64(27), b64(87)),
+    );
+    b.lookalike(
+        "usr/share/wordpress/wp-config-sample.php",
+        "<?php\ndefine( 'DB_NAME', 'database_name_here' );\ndefine( 'DB_PASSWORD', 'password_here' );\ndefine( 'AUTH_KEY',         'put your unique phrase here' );\n",
+    );
+    b.lookalike(
+        "etc/redis/sentinel.conf",
+        "port 26379\n# requirepass foobared\nrequirepass foobared\nsentinel auth-pass mymaster ${REDIS_PASSWORD}\n",
+    );
+    b.lookalike(
+        "etc/app/settings.ini",
+        "[db]\npassword = %(db_password)s\npassword_file = /run/secrets/db\ntoken = $(cat /run/secrets/token)\napi_key = <your-api-key>\n",
     );
     b.lookalike("etc/ssl/certs/shop.crt", &pem("CERTIFICATE", 900).0);
     b.lookalike("etc/ssl/certs/shop.pub.pem", &pem("PUBLIC KEY", 294).0);
