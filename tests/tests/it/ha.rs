@@ -373,21 +373,24 @@ fn a_promotion_moves_to_the_controller_holding_its_agent_and_sigterm_hands_lease
     // Leases of ten minutes: nothing below may wait for one to expire.
     let f = Fleet::start(4, 600);
     let mut f = f;
-    // Every controller lists every agent, with the controller holding it.
+    // Every controller lists every agent, with the controller holding it
+    // (sessions are published once per lease tick: wait for it).
     for c in 0..2 {
-        let out = f.amiprep(c, &["agents", "--json"]);
-        let agents: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-        for s in &f.sources {
-            assert!(
-                agents.iter().any(|a| a["instance_id"] == s.as_str()),
-                "controller {c} does not list {s}: {agents:?}"
-            );
-        }
-        assert!(
-            agents
+        let other = ["ctl-b", "ctl-a"][c];
+        let listed = wait_for(Duration::from_secs(60), || {
+            let out = f.amiprep(c, &["agents", "--json"]);
+            let agents: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
+            let all = f
+                .sources
                 .iter()
-                .any(|a| a["controller"] == "ctl-a" || a["controller"] == "ctl-b"),
-            "no agent of the other controller listed by {c}: {agents:?}"
+                .all(|s| agents.iter().any(|a| a["instance_id"] == s.as_str()));
+            let remote = agents.iter().any(|a| a["controller"] == other);
+            (all && remote).then_some(agents)
+        });
+        assert!(
+            listed.is_some(),
+            "controller {c} never listed every agent, with {other}'s among them\n{}",
+            f.logs()
         );
     }
     // A promotion submitted to ctl-a for an agent ctl-b holds is handed to ctl-b.
