@@ -10,6 +10,7 @@ use amiprep_controller::{
 };
 use amiprep_tests::{
     Controller, ControllerOpts, Moto, Pki, bin,
+    fault::{FaultProxy, Faults},
     lb::Balancer,
     postgres::Postgres,
     run,
@@ -103,11 +104,14 @@ fn leases_fence_writes_expire_on_the_database_clock_and_a_newer_schema_is_refuse
 struct Fleet {
     pg: Postgres,
     moto: Moto,
+    proxy: FaultProxy,
     pki: Pki,
     controllers: Vec<Controller>,
     _lb: Balancer,
     sim: Simulator,
     sources: Vec<String>,
+    /// Snapshots moto holds before any promotion.
+    snapshots_before: Vec<String>,
     _work: tempfile::TempDir,
 }
 
@@ -115,6 +119,7 @@ impl Fleet {
     fn start(sources: usize, lease_secs: u64) -> Fleet {
         let pg = Postgres::start();
         let moto = Moto::start();
+        let proxy = FaultProxy::start(&format!("127.0.0.1:{}", moto.port));
         let pki = Pki::new();
         let work = tempfile::tempdir().unwrap();
         let ports = [amiprep_tests::free_port(), amiprep_tests::free_port()];
@@ -125,7 +130,7 @@ impl Fleet {
                 Controller::start_on(
                     &pki,
                     ControllerOpts {
-                        ec2_endpoint: Some(moto.endpoint()),
+                        ec2_endpoint: Some(proxy.endpoint()),
                         name: format!("-{name}"),
                         extra: format!(
                             "[store]\nurl = {url:?}\ncontroller_id = \"ctl-{name}\"\nlease_secs = {lease_secs}\n\
@@ -160,13 +165,17 @@ impl Fleet {
         let fleet = Fleet {
             pg,
             moto,
+            proxy,
             pki,
             controllers,
             _lb: lb,
             sim,
             sources,
+            snapshots_before: Vec::new(),
             _work: work,
         };
+        let mut fleet = fleet;
+        fleet.snapshots_before = fleet.snapshots();
         for s in &fleet.sources {
             let on = wait_for(Duration::from_secs(60), || fleet.holder(s));
             assert!(
@@ -291,6 +300,141 @@ impl Fleet {
             .filter_map(|l| l.split_once(' '))
             .map(|(o, w)| (o.to_owned(), w.to_owned()))
             .collect()
+    }
+
+    /// The controller whose lease on `id` is live according to the history
+    /// (its last event is an acquisition), if any.
+    fn driver(&self, id: &str) -> Option<usize> {
+        let (owner, what) = self.lease_history(id).pop()?;
+        (what != "released").then(|| if owner == "ctl-a" { 0 } else { 1 })
+    }
+
+    /// Checks, from the event history of every promotion, that no lease was
+    /// ever held by two controllers: an acquisition only of a free lease, a
+    /// take-over only from another holder, a release only by the holder.
+    fn assert_one_holder_at_a_time(&self, ids: &[String]) {
+        for id in ids {
+            let h = self.lease_history(id);
+            let mut holder: Option<&str> = None;
+            for (owner, what) in &h {
+                match what.as_str() {
+                    "acquired" => assert!(holder.is_none(), "{id}: {h:?}"),
+                    "taken-over" => {
+                        assert!(holder.is_some_and(|o| o != owner), "{id}: {h:?}")
+                    }
+                    "released" => assert_eq!(holder, Some(owner.as_str()), "{id}: {h:?}"),
+                    other => panic!("{id}: unknown lease event {other}: {h:?}"),
+                }
+                holder = (what != "released").then_some(owner.as_str());
+            }
+            assert!(!h.is_empty(), "{id}: never leased");
+        }
+    }
+
+    /// EC2's state name for `instance`.
+    fn instance_state(&self, instance: &str) -> String {
+        let client = self.moto.client();
+        runtime().block_on(async {
+            client
+                .describe_instances()
+                .instance_ids(instance)
+                .send()
+                .await
+                .unwrap()
+                .reservations()[0]
+                .instances()[0]
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Starts a stopped source and waits for its agent to connect.
+    fn start_source(&self, instance: &str) {
+        runtime()
+            .block_on(
+                self.moto
+                    .client()
+                    .start_instances()
+                    .instance_ids(instance)
+                    .send(),
+            )
+            .unwrap();
+        assert!(
+            wait_for(Duration::from_secs(60), || self.holder(instance)).is_some(),
+            "the agent of {instance} never came back\n{}",
+            self.logs()
+        );
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let client = self.moto.client();
+        runtime().block_on(async {
+            client
+                .describe_snapshots()
+                .owner_ids("self")
+                .send()
+                .await
+                .unwrap()
+                .snapshots()
+                .iter()
+                .filter_map(|s| s.snapshot_id().map(str::to_owned))
+                .collect()
+        })
+    }
+
+    /// What the promotions left behind: instances other than the sources
+    /// that are not terminated, and snapshots made since the start that no
+    /// image refers to.
+    fn orphans(&self) -> Vec<String> {
+        let snapshots = self.snapshots();
+        let client = self.moto.client();
+        runtime().block_on(async {
+            let mut left: Vec<String> = client
+                .describe_instances()
+                .send()
+                .await
+                .unwrap()
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter(|i| {
+                    i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated")
+                })
+                .filter_map(|i| i.instance_id().map(str::to_owned))
+                .filter(|i| !self.sources.contains(i))
+                .collect();
+            let images = client
+                .describe_images()
+                .owners("self")
+                .send()
+                .await
+                .unwrap();
+            let used: Vec<&str> = images
+                .images()
+                .iter()
+                .flat_map(|i| i.block_device_mappings())
+                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+                .collect();
+            left.extend(
+                snapshots
+                    .into_iter()
+                    .filter(|s| !used.contains(&s.as_str()) && !self.snapshots_before.contains(s)),
+            );
+            left
+        })
+    }
+
+    /// Kills controller `c` with SIGKILL.
+    fn kill(&mut self, c: usize) {
+        let _ = self.controllers[c].proc.child.kill();
+        let _ = self.controllers[c].proc.child.wait();
+    }
+
+    /// Starts controller `c` again on its port, with its configuration.
+    fn restart(&mut self, c: usize) {
+        self.controllers[c].restart(&self.pki);
     }
 
     fn logs(&self) -> String {
@@ -458,4 +602,103 @@ fn a_promotion_moves_to_the_controller_holding_its_agent_and_sigterm_hands_lease
         f.lease_history(&held)
             .contains(&("ctl-b".to_owned(), "acquired".to_owned()))
     );
+}
+
+#[test]
+fn a_driver_killed_at_each_state_is_replaced_without_duplicates_or_orphans() {
+    let mut f = Fleet::start(1, 3);
+    let source = f.sources[0].clone();
+    // Each state is held open by delaying the response of the call it makes,
+    // after EC2 has acted on it; the controller driving it is then killed.
+    let cases = [
+        ("stopping", "StopInstances"),
+        ("creating-image", "CreateImage"),
+        ("awaiting-image", "DescribeImages"),
+        ("launching-canary", "RunInstances"),
+        ("distributing", "CopyImage"),
+    ];
+    let mut ids = Vec::new();
+    for (state, action) in cases {
+        if f.instance_state(&source) != "running" {
+            f.start_source(&source);
+        }
+        f.proxy.set(Faults {
+            hold_response: Some((action.to_owned(), Duration::from_secs(3))),
+            ..Default::default()
+        });
+        let id = f.promote(ids.len() % 2, &source);
+        let live = 1 - ids.len() % 2;
+        f.wait_states(
+            live,
+            std::slice::from_ref(&id),
+            &[state],
+            Duration::from_secs(120),
+        );
+        let driver = wait_for(Duration::from_secs(30), || f.driver(&id))
+            .unwrap_or_else(|| panic!("{id} has no driver in {state}\n{}", f.logs()));
+        f.kill(driver);
+        f.proxy.set(Faults::default());
+        let survivor = 1 - driver;
+        let end = f.wait_states(
+            survivor,
+            std::slice::from_ref(&id),
+            &["promoted", "failed", "cancelled"],
+            Duration::from_secs(300),
+        );
+        assert_eq!(end, ["promoted"], "killed in {state}\n{}", f.logs());
+        assert_eq!(
+            f.images_of(&id),
+            1,
+            "killed in {state}: duplicate or missing image"
+        );
+        let survivor_id = ["ctl-a", "ctl-b"][survivor];
+        assert!(
+            f.lease_history(&id)
+                .contains(&(survivor_id.to_owned(), "taken-over".to_owned())),
+            "killed in {state}: {:?}",
+            f.lease_history(&id)
+        );
+        f.restart(driver);
+        ids.push(id);
+    }
+    f.assert_one_holder_at_a_time(&ids);
+    assert_eq!(f.orphans(), Vec::<String>::new(), "{}", f.logs());
+}
+
+#[test]
+fn both_controllers_killed_at_once_resume_every_promotion_when_restarted() {
+    let mut f = Fleet::start(4, 3);
+    for s in &f.sources {
+        assert!(f.sim.signal_agent(s, "STOP"));
+    }
+    let ids: Vec<String> = f
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(n, s)| f.promote(n % 2, s))
+        .collect();
+    f.wait_states(0, &ids, &["preparing"], Duration::from_secs(120));
+    f.kill(0);
+    f.kill(1);
+    for s in &f.sources {
+        assert!(f.sim.signal_agent(s, "CONT"));
+    }
+    f.restart(0);
+    f.restart(1);
+    let states = f.wait_states(
+        0,
+        &ids,
+        &["promoted", "failed", "cancelled"],
+        Duration::from_secs(300),
+    );
+    assert!(
+        states.iter().all(|s| s == "promoted"),
+        "{states:?}\n{}",
+        f.logs()
+    );
+    for id in &ids {
+        assert_eq!(f.images_of(id), 1, "{id}: duplicate or missing image");
+    }
+    f.assert_one_holder_at_a_time(&ids);
+    assert_eq!(f.orphans(), Vec::<String>::new(), "{}", f.logs());
 }
