@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs and caches everything amiprep's tests need, idempotently:
-#   - Debian packages: debootstrap, rpm, systemd (systemd-analyze), python3-venv
+#   - Debian packages: debootstrap, rpm, systemd (systemd-analyze), python3-venv,
+#     postgresql (its server binaries, for the multi-controller tests)
 #   - a `debootstrap --variant=minbase` Debian root (cached), and a second one
 #     with systemd, to install the amiprep packages into (cached)
 #   - cargo-deb and cargo-generate-rpm (scripts/package), pinned
@@ -30,6 +31,9 @@ command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 command -v mkfifo >/dev/null || need_pkgs+=(coreutils)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg-dev)
 command -v apt-ftparchive >/dev/null || need_pkgs+=(apt-utils)
+# Several controllers sharing state: a private PostgreSQL cluster per test
+# (tests/src/postgres.rs), from Debian's server package.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_pkgs+=(postgresql)
 fi
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then need_pkgs+=(python3-venv); fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then

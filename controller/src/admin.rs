@@ -3,7 +3,7 @@
 use std::{pin::Pin, sync::Arc, time::SystemTime};
 
 use amiprep_proto::v1::{
-    AgentsRequest, AgentsResponse, CancelPromotionRequest, GetPromotionRequest,
+    AgentInfo, AgentsRequest, AgentsResponse, CancelPromotionRequest, GetPromotionRequest,
     ListPromotionsRequest, ListPromotionsResponse, PromoteRequest, Promotion, PromotionEvent,
     WatchPromotionRequest, admin_server::Admin,
 };
@@ -142,9 +142,21 @@ impl AdminService {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn agents(&self, _: Request<AgentsRequest>) -> Result<Response<AgentsResponse>, Status> {
-        Ok(Response::new(AgentsResponse {
-            agents: self.registry.list(),
-        }))
+        let mut agents = self.registry.list();
+        // With a shared store: the sessions the other controllers hold too.
+        if let Some(p) = &self.pipeline
+            && p.store.shared()
+        {
+            let remote = p
+                .store
+                .remote_sessions(2 * p.lease_secs())
+                .map_err(internal)?;
+            agents.extend(remote.into_iter().map(|s| AgentInfo {
+                controller: s.controller,
+                ..s.info
+            }));
+        }
+        Ok(Response::new(AgentsResponse { agents }))
     }
 
     async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<Promotion>, Status> {

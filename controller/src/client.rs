@@ -64,6 +64,7 @@ fn render_json(agents: &[AgentInfo]) -> String {
                 "session_id": a.session_id,
                 "peer": a.peer_address,
                 "certificate_subject": a.certificate_subject,
+                "controller": a.controller,
             })
         })
         .collect();

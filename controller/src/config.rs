@@ -25,6 +25,9 @@ pub struct ControllerConfig {
     pub pipeline: PipelineSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Where promotions are kept: SQLite (default) or PostgreSQL.
+    #[serde(default)]
+    pub store: crate::store::StoreSection,
 }
 
 /// `[metrics]`: Prometheus text exposition at `GET /metrics`.

@@ -220,6 +220,7 @@ impl AgentGateway for Gateway {
             identity_kind: who.kind.to_owned(),
             peer_address: peer.clone(),
             certificate_subject: subject,
+            controller: String::new(),
         };
         let (tx, rx) = mpsc::channel(16);
         tx.send(to_agent(controller_message::Msg::Welcome(Welcome {

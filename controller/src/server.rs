@@ -67,7 +67,15 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         .map(|e| Arc::new(crate::cloud::Ec2::new(e.clone())) as Arc<dyn crate::cloud::Cloud>);
     let pipeline: Option<Arc<crate::pipeline::Pipeline>> = match (&cloud, &cfg.ec2) {
         (Some(cloud), Some(ec2)) => {
-            let store = Arc::new(crate::store::Store::open(&cfg.pipeline.state_db)?);
+            let owner = controller_id(cfg);
+            let store = Arc::new(crate::store::Store::from_config(
+                &cfg.store,
+                &cfg.pipeline.state_db,
+                &owner,
+            )?);
+            if store.shared() {
+                info!(controller = %owner, lease_secs = cfg.store.lease_secs, "promotions shared with other controllers through PostgreSQL");
+            }
             let p = crate::pipeline::Pipeline::new(
                 store,
                 cloud.clone(),
@@ -75,10 +83,12 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
                 cfg.pipeline.clone(),
                 ec2.region.clone(),
             );
+            p.set_lease_secs(cfg.store.lease_secs);
             let resumed = p.resume_all()?;
             if resumed > 0 {
-                info!("resumed {resumed} unfinished promotion(s)");
+                info!("{resumed} unfinished promotion(s) to resume");
             }
+            tokio::spawn(p.clone().coordinate());
             Some(p)
         }
         _ => {
@@ -139,7 +149,7 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         .add_service(reflection()?)
         .add_service(AdminServer::new(AdminService {
             registry: registry.clone(),
-            pipeline,
+            pipeline: pipeline.clone(),
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), {
             let mut s = shutdown.clone();
@@ -161,10 +171,10 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
                 m.agents
                     .set(i64::try_from(registry.len()).unwrap_or(i64::MAX));
                 if let Some(store) = &store
-                    && let Ok(list) = store.list()
+                    && let Ok(counts) = store.count_by_state()
                 {
                     for s in crate::state::ALL {
-                        let n = list.iter().filter(|r| r.state == s).count();
+                        let n = counts.iter().find(|(st, _)| *st == s).map_or(0, |c| c.1);
                         m.promotions
                             .get_or_create(&crate::metrics::StateLabel {
                                 state: s.as_str().to_owned(),
@@ -198,7 +208,27 @@ pub async fn serve(p: Prepared, mut shutdown: watch::Receiver<bool>) -> anyhow::
         _ = shutdown.changed() => Ok(()),
     };
     let _ = std::fs::remove_file(&cfg.listen.admin_socket);
+    if let Some(p) = &pipeline {
+        p.hand_back();
+    }
     result
+}
+
+/// This controller's name in leases and published sessions: the
+/// configured `store.controller_id`, else `local` for the embedded store
+/// (one controller), else `HOSTNAME:AGENT_PORT`.
+fn controller_id(cfg: &ControllerConfig) -> String {
+    if let Some(id) = &cfg.store.controller_id {
+        return id.clone();
+    }
+    if cfg.store.url.is_none() {
+        return "local".to_owned();
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "controller".to_owned());
+    format!("{host}:{}", cfg.listen.agents.port())
 }
 
 /// Binds the admin socket with mode 0600. A stale socket from a previous run

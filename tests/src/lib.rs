@@ -9,7 +9,9 @@
 pub mod ec2_actions;
 pub mod fault;
 pub mod imds;
+pub mod lb;
 pub mod packages;
+pub mod postgres;
 pub mod sim;
 pub mod vm;
 
@@ -257,6 +259,9 @@ pub struct ControllerOpts {
     pub ec2_extra: String,
     /// Extra TOML appended to the configuration (e.g. a `[pipeline]` table).
     pub extra: String,
+    /// Distinguishes the files of several controllers sharing one PKI
+    /// directory (admin socket, configuration).
+    pub name: String,
 }
 
 impl Default for ControllerOpts {
@@ -268,6 +273,7 @@ impl Default for ControllerOpts {
             heartbeat_timeout_secs: 3,
             ec2_extra: String::new(),
             extra: String::new(),
+            name: String::new(),
         }
     }
 }
@@ -287,8 +293,8 @@ impl Controller {
     }
 
     pub fn start_on(pki: &Pki, opts: ControllerOpts, port: u16) -> Controller {
-        let socket = pki.file("admin.sock");
-        let config = pki.file("controller.toml");
+        let socket = pki.file(&format!("admin{}.sock", opts.name));
+        let config = pki.file(&format!("controller{}.toml", opts.name));
         fs::write(
             &config,
             format!(

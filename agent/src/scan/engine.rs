@@ -319,6 +319,9 @@ fn accept(rule: &Rule, secret: &[u8], key: Option<&[u8]>, whole: &[u8]) -> bool 
         return false;
     }
     if let Some(key) = key {
+        if looks_encoded(key) {
+            return false;
+        }
         let key = key.to_ascii_lowercase();
         if spec
             .deny_key
@@ -586,6 +589,14 @@ fn contains_reference(t: &str) -> bool {
                     .all(|c| c.is_ascii_lowercase() || matches!(c, '-' | '_'))
         })
     })
+}
+
+/// A "key" of 32 or more characters with no `_`, `.` or `-` is not a name
+/// anybody writes: it is a run of encoded data, such as the base64 blob of
+/// an OpenSSH public key, that happens to hold a credential word
+/// (`...PwD...`) and to end in `=` padding.
+fn looks_encoded(key: &[u8]) -> bool {
+    key.len() >= 32 && !key.iter().any(|b| matches!(*b, b'_' | b'.' | b'-'))
 }
 
 /// `self.password`, `get_token`, `os.environ`: code, not a value.

@@ -11,16 +11,27 @@
 //! they look up what a previous run may already have created (by the
 //! record, then by the promotion's tag) before creating anything — so a
 //! controller restarted at any point resumes without duplicates or orphans.
+//!
+//! On a shared store (PostgreSQL) several controllers run this driver. Each
+//! promotion is driven under a lease that the driver renews while it works
+//! ([`lease`] decides, [`Pipeline::coordinate`] finds work): a controller
+//! takes the unfinished promotions nobody holds, leaves a step that needs
+//! an agent to the controller holding that agent's session, gives its
+//! leases back when it stops, and loses them when it dies.
 
 pub mod decide;
 pub mod evidence;
+pub mod lease;
 mod steps;
 #[cfg(test)]
 mod tests;
 
 use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -91,6 +102,13 @@ pub struct Pipeline {
     region: String,
     running: Mutex<HashSet<String>>,
     pub changes: broadcast::Sender<Change>,
+    /// Lease time on a shared store, in seconds.
+    lease_secs: AtomicU64,
+    /// Set once this controller is stopping: leases are no longer renewed.
+    stopping: AtomicBool,
+    /// Instance id → the other controller holding its agent's session, as
+    /// last read by [`Pipeline::coordinate`].
+    remote_agents: Mutex<HashMap<String, String>>,
 }
 
 impl Pipeline {
@@ -110,20 +128,131 @@ impl Pipeline {
             region,
             running: Mutex::new(HashSet::new()),
             changes,
+            lease_secs: AtomicU64::new(15),
+            stopping: AtomicBool::new(false),
+            remote_agents: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Starts a driver for every promotion that has not finished.
+    /// Sets the lease time (shared store only).
+    pub fn set_lease_secs(&self, secs: u64) {
+        self.lease_secs.store(secs.max(1), Ordering::Relaxed);
+    }
+
+    /// The lease time on a shared store, in seconds.
+    pub fn lease_secs(&self) -> u64 {
+        self.lease_secs.load(Ordering::Relaxed)
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.load(Ordering::Relaxed))
+    }
+
+    /// Starts a driver for every promotion that has not finished. On a
+    /// shared store this only counts them: [`Pipeline::coordinate`] takes
+    /// each one whose lease is free.
     pub fn resume_all(self: &Arc<Self>) -> anyhow::Result<usize> {
-        let mut n = 0;
-        for rec in self.store.list()? {
-            if !rec.state.is_terminal() {
+        let unfinished = self.store.unfinished()?;
+        if !self.store.shared() {
+            for rec in &unfinished {
                 info!(promotion = %rec.id, state = %rec.state, "resuming promotion");
                 self.spawn(&rec.id);
-                n += 1;
             }
         }
-        Ok(n)
+        Ok(unfinished.len())
+    }
+
+    /// Shared store: publishes this controller's agent sessions and takes
+    /// the promotions it should drive, every lease tick, until stopped.
+    pub async fn coordinate(self: Arc<Self>) {
+        if !self.store.shared() {
+            return;
+        }
+        let mut tick = tokio::time::interval(lease::tick(self.lease()));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Err(e) = self.coordinate_once() {
+                warn!("coordinating with the other controllers: {e:#}");
+            }
+        }
+    }
+
+    fn coordinate_once(self: &Arc<Self>) -> anyhow::Result<()> {
+        self.store.publish_sessions(&self.registry.list())?;
+        // A controller that has not published for two lease times is gone.
+        let remote = self
+            .store
+            .remote_sessions(2 * self.lease_secs.load(Ordering::Relaxed))?;
+        *self.remote_agents.lock().unwrap_or_else(|p| p.into_inner()) = remote
+            .into_iter()
+            .map(|s| (s.info.instance_id, s.controller))
+            .collect();
+        for rec in self.store.unfinished()? {
+            if self.is_running(&rec.id) {
+                continue;
+            }
+            let needed = lease::needed_agent(&rec);
+            if lease::should_take(
+                self.agent_at(needed)
+                    .as_ref()
+                    .map(|s| s.as_at())
+                    .unwrap_or(lease::AgentAt::Here),
+            ) == lease::Take::Leave
+            {
+                continue;
+            }
+            if self.store.acquire_lease(&rec.id, self.lease().as_secs())? {
+                info!(promotion = %rec.id, state = %rec.state, "driving promotion (lease taken)");
+                self.spawn(&rec.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the agent of `instance` is connected (`None`: none needed).
+    fn agent_at(&self, instance: Option<&str>) -> Option<AgentWhere> {
+        let instance = instance?;
+        if self.registry.session_of(instance).is_some() {
+            return Some(AgentWhere::Here);
+        }
+        Some(
+            match self
+                .remote_agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(instance)
+            {
+                Some(c) => AgentWhere::Elsewhere(c.clone()),
+                None => AgentWhere::Nowhere,
+            },
+        )
+    }
+
+    /// Orderly shutdown: stop renewing and give every lease back, so the
+    /// other controllers take this one's promotions at their next tick.
+    pub fn hand_back(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        if !self.store.shared() {
+            return;
+        }
+        match self.store.release_all() {
+            Ok(n) => info!("handed {n} promotion lease(s) back"),
+            Err(e) => warn!(
+                "handing leases back: {e:#} (they expire in {:?})",
+                self.lease()
+            ),
+        }
+    }
+
+    fn is_running(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
     }
 
     /// Records a new promotion and starts driving it.
@@ -169,6 +298,73 @@ impl Pipeline {
     }
 
     async fn drive(&self, id: &str) {
+        if !self.store.shared() {
+            self.drive_steps(id).await;
+            return;
+        }
+        let kept = tokio::select! {
+            () = self.drive_steps(id) => None,
+            k = self.keep_lease(id) => Some(k),
+        };
+        match kept {
+            None | Some(lease::Keep::HandOver(_)) => {
+                if let Some(lease::Keep::HandOver(to)) = &kept {
+                    info!(promotion = %id, controller = %to, "leaving the promotion to the controller holding its agent");
+                }
+                if !self.stopping.load(Ordering::Relaxed)
+                    && let Err(e) = self.store.release_lease(id)
+                {
+                    warn!(promotion = %id, "releasing the lease: {e:#}");
+                }
+            }
+            Some(lease::Keep::Lost) => {
+                warn!(promotion = %id, "lease lost: another controller may drive this promotion now");
+            }
+            Some(lease::Keep::Drive) => {}
+        }
+    }
+
+    /// Renews the lease on `id` every tick; returns when the driver must
+    /// stop (lease lost, stopping, or a hand-over).
+    async fn keep_lease(&self, id: &str) -> lease::Keep {
+        let lease = self.lease();
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(lease::tick(lease)).await;
+            if self.stopping.load(Ordering::Relaxed) {
+                return lease::Keep::Lost;
+            }
+            let renewed = match self.store.acquire_lease(id, lease.as_secs()) {
+                Ok(b) => {
+                    failing_since = None;
+                    Some(b)
+                }
+                Err(e) => {
+                    warn!(promotion = %id, "renewing the lease: {e:#}");
+                    failing_since.get_or_insert_with(Instant::now);
+                    None
+                }
+            };
+            let rec = self.store.get(id).ok().flatten();
+            let agent = rec
+                .as_ref()
+                .and_then(|r| self.agent_at(lease::needed_agent(r)));
+            let unreachable = failing_since.map_or(Duration::ZERO, |t| t.elapsed());
+            match lease::after_tick(
+                renewed,
+                unreachable,
+                lease,
+                agent
+                    .as_ref()
+                    .map_or(lease::AgentAt::Here, AgentWhere::as_at),
+            ) {
+                lease::Keep::Drive => {}
+                other => return other,
+            }
+        }
+    }
+
+    async fn drive_steps(&self, id: &str) {
         let mut retry_delay = Duration::from_millis(self.cfg.poll_initial_ms);
         let mut retries = 0u32;
         loop {
@@ -185,8 +381,12 @@ impl Pipeline {
                 return;
             }
             if rec.cancel_requested && rec.state != PromotionState::CleaningUp {
-                self.record(|| self.store.fail(id, rec.state, "cancelled by the operator"))
-                    .await;
+                if !self
+                    .record(|| self.store.fail(id, rec.state, "cancelled by the operator"))
+                    .await
+                {
+                    return;
+                }
                 continue;
             }
             let started = Instant::now();
@@ -206,30 +406,46 @@ impl Pipeline {
                         return;
                     };
                     info!(promotion = %id, from = %rec.state, to = %next, took_ms = took.as_millis() as u64, "{msg}");
-                    self.record(|| self.store.set_state(id, next, &msg)).await;
+                    if !self.record(|| self.store.set_state(id, next, &msg)).await {
+                        return;
+                    }
                     retry_delay = Duration::from_millis(self.cfg.poll_initial_ms);
                     retries = 0;
                 }
                 Ok(Step::Finish(state, msg)) => {
                     info!(promotion = %id, state = %state, "{msg}");
-                    self.record(|| self.store.set_state(id, state, &msg)).await;
+                    if !self.record(|| self.store.set_state(id, state, &msg)).await {
+                        return;
+                    }
                 }
                 Err(StepError::Fatal(reason)) => {
                     warn!(promotion = %id, state = %rec.state, "failed: {reason}");
-                    self.record(|| self.store.fail(id, rec.state, &reason))
-                        .await;
+                    if !self
+                        .record(|| self.store.fail(id, rec.state, &reason))
+                        .await
+                    {
+                        return;
+                    }
                 }
                 Err(StepError::Cancelled) => {
-                    self.record(|| self.store.fail(id, rec.state, "cancelled by the operator"))
-                        .await;
+                    if !self
+                        .record(|| self.store.fail(id, rec.state, "cancelled by the operator"))
+                        .await
+                    {
+                        return;
+                    }
                 }
                 Err(StepError::Retry(why)) => {
                     if let decide::Transient::GiveUp(reason) =
                         decide::on_transient(retries, self.cfg.max_step_retries, &why)
                     {
                         warn!(promotion = %id, state = %rec.state, "failed: {reason}");
-                        self.record(|| self.store.fail(id, rec.state, &reason))
-                            .await;
+                        if !self
+                            .record(|| self.store.fail(id, rec.state, &reason))
+                            .await
+                        {
+                            return;
+                        }
                         retries = 0;
                         self.notify(id);
                         continue;
@@ -268,13 +484,19 @@ impl Pipeline {
 
     /// Persists a transition, retrying until the store accepts it: moving on
     /// without the record would break resumption.
-    async fn record(&self, f: impl Fn() -> anyhow::Result<()>) {
+    /// False when the lease is lost: the driver must stop.
+    async fn record(&self, f: impl Fn() -> anyhow::Result<()>) -> bool {
         let mut delay = Duration::from_millis(100);
         while let Err(e) = f() {
+            if crate::store::is_lease_lost(&e) {
+                warn!("not recording: {e}");
+                return false;
+            }
             warn!("recording state: {e:#}");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+        true
     }
 
     /// Sleeps one poll interval (exponential with full jitter), failing on
@@ -305,6 +527,23 @@ impl Pipeline {
     fn deadline(&self, rec: &PromotionRecord, secs: u64) -> Instant {
         let now = unix_ms(std::time::SystemTime::now());
         Instant::now() + decide::time_left(rec.updated_ms, now, Duration::from_secs(secs))
+    }
+}
+
+/// [`lease::AgentAt`] with an owned controller name.
+enum AgentWhere {
+    Here,
+    Elsewhere(String),
+    Nowhere,
+}
+
+impl AgentWhere {
+    fn as_at(&self) -> lease::AgentAt<'_> {
+        match self {
+            AgentWhere::Here => lease::AgentAt::Here,
+            AgentWhere::Elsewhere(c) => lease::AgentAt::Elsewhere(c),
+            AgentWhere::Nowhere => lease::AgentAt::Nowhere,
+        }
     }
 }
 

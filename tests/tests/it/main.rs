@@ -6,6 +6,7 @@
 mod client;
 mod config;
 mod ec2;
+mod ha;
 mod identity;
 mod packaging;
 mod promote;

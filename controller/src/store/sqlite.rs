@@ -1,8 +1,5 @@
-//! Persisted promotions (embedded SQLite).
-//!
-//! Every transition and every resource id is committed here before the
-//! cloud call that depends on it, so a controller killed at any point can
-//! resume each unfinished promotion without duplicating or orphaning anything.
+//! The embedded store: one SQLite file, one controller. Leases do not apply
+//! (nothing else writes the file), so every lease call succeeds.
 
 use std::{
     path::Path,
@@ -10,126 +7,29 @@ use std::{
     time::SystemTime,
 };
 
+use amiprep_proto::v1::AgentInfo;
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
+use super::{Backend, Event, LeaseEvent, PromotionRecord, PromotionSpec, RemoteSession, Resource};
 use crate::{
     registry::unix_ms,
-    state::{After, PromotionState, ResourceKind},
+    state::{PromotionState, ResourceKind},
 };
 
-/// What the operator asked for (`amiprep promote ...`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PromotionSpec {
-    pub instance_id: String,
-    pub name: String,
-    pub description: String,
-    pub tags: Vec<(String, String)>,
-    pub policy_toml: String,
-    pub copy_to: Vec<(String, String)>,
-    pub share_with: Vec<String>,
-    pub deprecate_after_days: u32,
-    pub after: After,
-    pub canary: bool,
-    pub keep_on_failure: bool,
-}
-
-/// A cloud resource a promotion created.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Resource {
-    pub kind: ResourceKind,
-    pub region: String,
-    pub id: String,
-    /// Set once the resource has been removed by cleanup.
-    pub deleted: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct PromotionRecord {
-    pub id: String,
-    pub spec: PromotionSpec,
-    pub region: String,
-    pub state: PromotionState,
-    /// The state a failure or cancel interrupted, for the record.
-    pub failed_in: Option<PromotionState>,
-    pub failure_reason: Option<String>,
-    pub cancel_requested: bool,
-    pub report_json: Option<String>,
-    pub report_sha256: Option<String>,
-    pub manifest_path: Option<String>,
-    pub created_ms: u64,
-    pub updated_ms: u64,
-    pub resources: Vec<Resource>,
-    /// The latest history line: progress while running; at the end, what
-    /// cleanup removed or kept and what became of the source.
-    pub last_message: String,
-}
-
-impl PromotionRecord {
-    pub fn image(&self) -> Option<&Resource> {
-        self.resources
-            .iter()
-            .find(|r| r.kind == ResourceKind::Image)
-    }
-
-    pub fn resources_of(&self, kind: ResourceKind) -> impl Iterator<Item = &Resource> {
-        self.resources.iter().filter(move |r| r.kind == kind)
-    }
-}
-
-/// One line of a promotion's history.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub seq: i64,
-    pub at_ms: u64,
-    pub state: String,
-    pub message: String,
-}
-
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS promotions (
-    id TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    region TEXT NOT NULL,
-    state TEXT NOT NULL,
-    failed_in TEXT,
-    failure_reason TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    report_json TEXT,
-    report_sha256 TEXT,
-    manifest_path TEXT,
-    created_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS resources (
-    promotion_id TEXT NOT NULL REFERENCES promotions(id),
-    kind TEXT NOT NULL,
-    region TEXT NOT NULL,
-    id TEXT NOT NULL,
-    deleted INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (promotion_id, kind, region, id)
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    promotion_id TEXT NOT NULL REFERENCES promotions(id),
-    at_ms INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_promotion ON events(promotion_id, seq);
-";
+/// Migrations in order; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_initial.sql")];
 
 fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
 }
 
-impl Store {
-    pub fn open(path: &Path) -> anyhow::Result<Store> {
+impl Sqlite {
+    pub fn open(path: &Path) -> anyhow::Result<Sqlite> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -139,9 +39,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)
-            .with_context(|| format!("creating the schema in {}", path.display()))?;
-        Ok(Store {
+        migrate(&conn).with_context(|| format!("migrating {}", path.display()))?;
+        Ok(Sqlite {
             conn: Mutex::new(conn),
         })
     }
@@ -149,8 +48,10 @@ impl Store {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    pub fn insert(&self, id: &str, spec: &PromotionSpec, region: &str) -> anyhow::Result<()> {
+impl Backend for Sqlite {
+    fn insert(&self, id: &str, spec: &PromotionSpec, region: &str) -> anyhow::Result<()> {
         let now = now_ms();
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -169,8 +70,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records a transition (and its event) atomically.
-    pub fn set_state(&self, id: &str, state: PromotionState, message: &str) -> anyhow::Result<()> {
+    fn set_state(&self, id: &str, state: PromotionState, message: &str) -> anyhow::Result<()> {
         let now = now_ms() as i64;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -183,8 +83,7 @@ impl Store {
         Ok(())
     }
 
-    /// Enters cleanup after a failure in `failed_in` (first failure wins).
-    pub fn fail(&self, id: &str, failed_in: PromotionState, reason: &str) -> anyhow::Result<()> {
+    fn fail(&self, id: &str, failed_in: PromotionState, reason: &str) -> anyhow::Result<()> {
         let now = now_ms() as i64;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -203,13 +102,12 @@ impl Store {
         Ok(())
     }
 
-    /// Adds a message to the history without changing state.
-    pub fn note(&self, id: &str, state: PromotionState, message: &str) -> anyhow::Result<()> {
+    fn note(&self, id: &str, state: PromotionState, message: &str) -> anyhow::Result<()> {
         insert_event(&self.conn(), id, now_ms() as i64, state.as_str(), message)?;
         Ok(())
     }
 
-    pub fn request_cancel(&self, id: &str) -> anyhow::Result<bool> {
+    fn request_cancel(&self, id: &str) -> anyhow::Result<bool> {
         let n = self.conn().execute(
             "UPDATE promotions SET cancel_requested = 1, updated_ms = ?2 WHERE id = ?1",
             params![id, now_ms() as i64],
@@ -217,7 +115,7 @@ impl Store {
         Ok(n == 1)
     }
 
-    pub fn add_resource(
+    fn add_resource(
         &self,
         id: &str,
         kind: ResourceKind,
@@ -231,7 +129,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn mark_deleted(
+    fn mark_deleted(
         &self,
         id: &str,
         kind: ResourceKind,
@@ -245,7 +143,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_report(&self, id: &str, json: &str, sha256: &str) -> anyhow::Result<()> {
+    fn set_report(&self, id: &str, json: &str, sha256: &str) -> anyhow::Result<()> {
         self.conn().execute(
             "UPDATE promotions SET report_json = ?2, report_sha256 = ?3 WHERE id = ?1",
             params![id, json, sha256],
@@ -253,7 +151,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_manifest(&self, id: &str, path: &str) -> anyhow::Result<()> {
+    fn set_manifest(&self, id: &str, path: &str) -> anyhow::Result<()> {
         self.conn().execute(
             "UPDATE promotions SET manifest_path = ?2 WHERE id = ?1",
             params![id, path],
@@ -261,7 +159,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn get(&self, id: &str) -> anyhow::Result<Option<PromotionRecord>> {
+    fn get(&self, id: &str) -> anyhow::Result<Option<PromotionRecord>> {
         let conn = self.conn();
         let row = conn
             .query_row(
@@ -277,7 +175,7 @@ impl Store {
         Ok(Some(rec))
     }
 
-    pub fn list(&self) -> anyhow::Result<Vec<PromotionRecord>> {
+    fn list(&self) -> anyhow::Result<Vec<PromotionRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, spec, region, state, failed_in, failure_reason, cancel_requested, report_json, report_sha256, manifest_path, created_ms, updated_ms, (SELECT message FROM events e WHERE e.promotion_id = promotions.id ORDER BY e.seq DESC LIMIT 1) FROM promotions ORDER BY created_ms, id",
@@ -294,7 +192,7 @@ impl Store {
         Ok(out)
     }
 
-    pub fn events(&self, id: &str, after_seq: i64) -> anyhow::Result<Vec<Event>> {
+    fn events(&self, id: &str, after_seq: i64) -> anyhow::Result<Vec<Event>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, state, message FROM events WHERE promotion_id = ?1 AND seq > ?2 ORDER BY seq",
@@ -311,6 +209,54 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(events)
     }
+
+    fn unfinished(&self) -> anyhow::Result<Vec<PromotionRecord>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .collect())
+    }
+
+    fn count_by_state(&self) -> anyhow::Result<Vec<(PromotionState, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM promotions GROUP BY state")?;
+        let rows: Vec<(String, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(s, n)| Some((PromotionState::parse(&s)?, n as u64)))
+            .collect())
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn acquire_lease(&self, _id: &str, _secs: u64) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+
+    fn release_lease(&self, _id: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn release_all(&self) -> anyhow::Result<usize> {
+        Ok(0)
+    }
+
+    fn lease_history(&self, _id: &str) -> anyhow::Result<Vec<LeaseEvent>> {
+        Ok(Vec::new())
+    }
+
+    fn publish_sessions(&self, _sessions: &[AgentInfo]) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn remote_sessions(&self, _fresh_secs: u64) -> anyhow::Result<Vec<RemoteSession>> {
+        Ok(Vec::new())
+    }
 }
 
 /// One line of a promotion's history; part of the caller's transaction.
@@ -325,6 +271,21 @@ fn insert_event(
         "INSERT INTO events (promotion_id, at_ms, state, message) VALUES (?1, ?2, ?3, ?4)",
         params![id, at_ms, state, message],
     )
+}
+
+/// Applies the migrations this file lacks; refuses a newer schema.
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    let have: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    super::check_schema(have, known)?;
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("migration {}", n + 1))?;
+        tx.pragma_update(None, "user_version", (n + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
 }
 
 fn resources(conn: &Connection, id: &str) -> anyhow::Result<Vec<Resource>> {
@@ -380,6 +341,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<Promo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[test]
     fn transitions_and_resources_survive_reopen() {
@@ -430,5 +392,51 @@ mod tests {
         assert_eq!(rec.state, PromotionState::CleaningUp);
         assert_eq!(rec.failed_in, Some(PromotionState::AwaitingImage));
         assert_eq!(rec.failure_reason.as_deref(), Some("image failed"));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_an_old_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            // A file from before versioned migrations: tables, user_version 0.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.execute(
+                "INSERT INTO promotions (id, spec, region, state, created_ms, updated_ms) VALUES ('old', ?1, 'r', 'pending', 1, 1)",
+                [serde_json::to_string(&PromotionSpec::default()).unwrap()],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.list().unwrap().len(), 1, "rows kept across the migration");
+        drop(s);
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path)
+            .err()
+            .expect("a newer schema must be refused");
+        assert!(format!("{err:#}").contains("newer"), "{err:#}");
+    }
+
+    #[test]
+    fn counts_by_state_and_unfinished() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("s.db")).unwrap();
+        for id in ["a", "b", "c"] {
+            s.insert(id, &PromotionSpec::default(), "r").unwrap();
+        }
+        s.set_state("c", PromotionState::Promoted, "done").unwrap();
+        let mut counts = s.count_by_state().unwrap();
+        counts.sort_by_key(|(st, _)| st.as_str());
+        assert_eq!(
+            counts,
+            vec![(PromotionState::Pending, 2), (PromotionState::Promoted, 1)]
+        );
+        let mut ids: Vec<_> = s.unfinished().unwrap().into_iter().map(|r| r.id).collect();
+        ids.sort();
+        assert_eq!(ids, ["a", "b"]);
     }
 }
