@@ -31,8 +31,11 @@ pub struct ScanPolicy {
     /// written by `amiprep-agent scan --write-baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<PathBuf>,
-    /// Files larger than this are counted, not read.
-    pub max_file_size: u64,
+    /// An explicit cap: files larger than this are not read (and, being
+    /// unscanned, keep the host from being ready). None by default: every
+    /// file is scanned, large ones in bounded memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_file_size: Option<u64>,
     /// Private keys an image that carries the agent is expected to hold:
     /// the agent's own client key where the package puts it. Only
     /// private-key findings in exactly these files are set aside (and
@@ -47,7 +50,7 @@ impl Default for ScanPolicy {
     fn default() -> Self {
         ScanPolicy {
             baseline: None,
-            max_file_size: crate::scan::DEFAULT_MAX_FILE_SIZE,
+            max_file_size: None,
             expected_keys: vec![PathBuf::from(AGENT_KEY)],
         }
     }

@@ -436,3 +436,91 @@ fn write_fixture() {
     let root = fixture::write_to(Path::new(&dir));
     eprintln!("fixture at {}", root.display());
 }
+
+fn github_token() -> String {
+    use rand::{Rng, distr::Alphanumeric};
+    let tail: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(36)
+        .map(char::from)
+        .collect();
+    format!("ghp_{tail}")
+}
+
+/// Issue 14: files over the old 16 MiB cap were skipped and the host still
+/// passed. A 200 MiB log is streamed in bounded windows and a token on its
+/// last line is found; so is one straddling the first window boundary of a
+/// file that is one long line.
+#[test]
+fn scan_streams_large_files_and_finds_tokens_at_the_end_and_across_windows() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("var/log")).expect("mkdir");
+    let line = b"2026-12-02T10:00:00.123Z web-7 nginx[811]: 10.0.3.4 \"GET /api/v1/items?page=2 HTTP/1.1\" 200 5120\n";
+    let lines = (200u64 << 20) / line.len() as u64 + 1;
+    let big = root.join("var/log/access.log");
+    let end_token = github_token();
+    {
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&big).expect("create"),
+        );
+        for _ in 0..lines {
+            w.write_all(line).expect("write");
+        }
+        writeln!(w, "deploy: export GITHUB_TOKEN={end_token}").expect("write");
+        w.flush().expect("flush");
+    }
+    let big_len = std::fs::metadata(&big).expect("stat").len();
+    assert!(big_len > 200 << 20);
+
+    // One line of 9 MiB: a token straddling the 4 MiB window end.
+    let window = 4usize << 20;
+    let straddle_token = github_token();
+    let start = window - 17;
+    let mut one = vec![b'='; start - 1];
+    one.push(b' ');
+    one.extend_from_slice(straddle_token.as_bytes());
+    one.push(b' ');
+    one.resize(9 << 20, b'=');
+    std::fs::write(root.join("var/log/one-line.log"), &one).expect("write");
+
+    let (code, v, stderr) = scan_json(&root, &["--window", &window.to_string()]);
+    assert_eq!(code, 1, "{stderr}");
+    let mut got: Vec<(String, String, u64, u64)> = findings(&v, "findings")
+        .iter()
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap_or("").to_owned(),
+                f["path"].as_str().unwrap_or("").to_owned(),
+                f["line"].as_u64().unwrap_or(0),
+                f["column"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let col = "deploy: export GITHUB_TOKEN=".len() as u64 + 1;
+    assert_eq!(
+        got,
+        [
+            (
+                "github-token".into(),
+                "var/log/access.log".into(),
+                lines + 1,
+                col
+            ),
+            (
+                "github-token".into(),
+                "var/log/one-line.log".into(),
+                1,
+                start as u64 + 1
+            ),
+        ]
+    );
+    assert_eq!(v["stats"]["bytes"], big_len + one.len() as u64);
+    assert_eq!(v["stats"]["skipped_large"], 0);
+    for t in [&end_token, &straddle_token] {
+        assert!(!v.to_string().contains(t.as_str()));
+    }
+}

@@ -23,6 +23,8 @@ pub struct Hit {
     pub line: u64,
     /// 1-based column, in Unicode code points.
     pub column: u64,
+    /// Byte offset of the secret's first byte in the scanned buffer.
+    pub offset: usize,
     pub fingerprint: String,
     pub preview: String,
 }
@@ -259,6 +261,7 @@ impl Engine {
                 rule: r,
                 line,
                 column,
+                offset: s,
                 fingerprint: fingerprint(self.rules[r].id(), secret),
                 preview: preview(secret),
             });

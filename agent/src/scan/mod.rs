@@ -23,7 +23,7 @@ use std::{
 };
 
 pub use report::{Baseline, BaselineEntry, Finding, ScanReport, ScanStats};
-pub use run::{DEFAULT_MAX_FILE_SIZE, HOST_SKIP, ScanOptions, scan_root};
+pub use run::{DEFAULT_WINDOW, HOST_SKIP, MIN_WINDOW, ScanOptions, WINDOW_OVERLAP, scan_root};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -49,9 +49,14 @@ pub struct ScanArgs {
     /// Write every current finding to FILE as an accepted baseline.
     #[arg(long, value_name = "FILE")]
     pub write_baseline: Option<PathBuf>,
-    /// Files larger than this are not read (counted as skipped_large).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_FILE_SIZE)]
-    pub max_file_size: u64,
+    /// The most of one file held in memory per worker: larger files are
+    /// scanned in overlapping windows of this size.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_WINDOW)]
+    pub window: usize,
+    /// An explicit cap: larger files are not read, and are listed as not
+    /// scanned. No cap by default.
+    #[arg(long, value_name = "BYTES")]
+    pub max_file_size: Option<u64>,
     /// Also enter other mounted filesystems.
     #[arg(long)]
     pub cross_mounts: bool,
@@ -85,6 +90,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
     use anyhow::Context as _;
     let baseline = args.baseline.as_deref().map(Baseline::load).transpose()?;
     let base = ScanOptions {
+        window: args.window,
         max_file_size: args.max_file_size,
         cross_mounts: args.cross_mounts,
         threads: args.threads,

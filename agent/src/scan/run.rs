@@ -30,8 +30,18 @@ use super::{
     walker::{Control, Event, Kind, Root, WalkOptions, walk},
 };
 
-/// Default size cap: larger files are counted in `skipped_large`, not read.
-pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 20;
+/// Default window: the most of one file a worker holds in memory at once.
+/// Larger files are scanned in overlapping windows of this size.
+pub const DEFAULT_WINDOW: usize = 4 << 20;
+
+/// Bytes shared by consecutive windows: a match starting in one window and
+/// ending within this many bytes of it is seen whole by one of them. Every
+/// rule's longest realistic match (a PEM private key block is under 4 KiB,
+/// a JWT a few KiB) is well within it.
+pub const WINDOW_OVERLAP: usize = 64 << 10;
+
+/// The smallest window accepted: below it the overlap would dominate.
+pub const MIN_WINDOW: usize = 4 * WINDOW_OVERLAP;
 
 /// Host directories that hold no files of the image: kernel and runtime
 /// state, device nodes.
@@ -46,7 +56,13 @@ pub struct ScanOptions {
     pub skip: Vec<PathBuf>,
     /// Enter other mounts (default: stay on the root's filesystem).
     pub cross_mounts: bool,
-    pub max_file_size: u64,
+    /// The most of one file a worker holds in memory (at least
+    /// [`MIN_WINDOW`]); larger files are streamed through windows of this
+    /// size.
+    pub window: usize,
+    /// An explicit cap: files larger than this are not read. `None` (the
+    /// default) reads every file, whatever its size.
+    pub max_file_size: Option<u64>,
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
     pub baseline: Option<Baseline>,
@@ -58,7 +74,8 @@ impl Default for ScanOptions {
             starts: Vec::new(),
             skip: HOST_SKIP.iter().map(PathBuf::from).collect(),
             cross_mounts: false,
-            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            window: DEFAULT_WINDOW,
+            max_file_size: None,
             threads: 0,
             baseline: None,
         }
@@ -119,12 +136,13 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
 
     let (tx, rx) = mpsc::sync_channel::<Job>(threads * 4);
     let rx = Arc::new(Mutex::new(rx));
-    let max = opts.max_file_size;
+    let max = opts.max_file_size.unwrap_or(u64::MAX);
+    let window = opts.window.max(MIN_WINDOW);
     let walked: io::Result<()> = std::thread::scope(|scope| {
         for _ in 0..threads {
             let rx = Arc::clone(&rx);
             let (engine, shared, counters) = (&engine, &shared, &counters);
-            scope.spawn(move || worker(&rx, engine, shared, counters, max));
+            scope.spawn(move || worker(&rx, engine, shared, counters, window));
         }
         let starts: Vec<PathBuf> = if opts.starts.is_empty() {
             vec![PathBuf::new()]
@@ -225,7 +243,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
         }
     }
     findings.sort();
-    drop_package_files(root, &mut findings, max);
+    drop_package_files(root, &mut findings);
     let mut problems = walk_problems;
     problems.extend(shared.problems);
     let mut report = ScanReport {
@@ -252,8 +270,11 @@ fn worker(
     engine: &Engine,
     shared: &Mutex<Shared>,
     counters: &Counters,
-    max: u64,
+    window: usize,
 ) {
+    // One buffer per worker, grown to the largest window it has needed and
+    // kept: freeing and reallocating multi-megabyte buffers fragments the
+    // allocator's heap, which costs more resident memory than keeping one.
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let job = {
@@ -261,51 +282,156 @@ fn worker(
             guard.recv()
         };
         let Ok(job) = job else { return };
-        buf.clear();
-        // Exactly what the walker saw, plus one byte to notice growth: no
-        // doubling past the file's size.
-        buf.reserve_exact(usize::try_from(job.size.min(max) + 1).unwrap_or(0));
-        let read = job.file.take(max + 1).read_to_end(&mut buf);
-        if let Err(e) = read {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            lock(shared)
-                .problems
-                .push(format!("{}: {e}", &job.rel[1..]));
-            continue;
-        }
-        if buf.len() as u64 > max {
-            // Grew past the cap since it was walked.
-            counters.large.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        counters
-            .bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let full: [u8; 32] = Sha256::digest(&buf).into();
-        let mut digest = [0u8; 16];
-        digest.copy_from_slice(&full[..16]);
+        let mut file = job.file;
+        let scanned = scan_stream(engine, &job.rel, &mut file, job.size, window, &mut buf);
+        let scanned = match scanned {
+            Ok(s) => s,
+            Err(e) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                lock(shared)
+                    .problems
+                    .push(format!("{}: {e}", &job.rel[1..]));
+                continue;
+            }
+        };
+        counters.bytes.fetch_add(scanned.bytes, Ordering::Relaxed);
         {
             let mut s = lock(shared);
-            if let Some(&first) = s.contents.get(&digest) {
+            if let Some(&first) = s.contents.get(&scanned.digest) {
                 s.aliases.push((job.path, job.rel[1..].to_owned(), first));
                 continue;
             }
-            s.contents.insert(digest, job.path);
+            s.contents.insert(scanned.digest, job.path);
         }
-        let binary = looks_binary(&buf);
-        if binary {
+        if scanned.binary {
             counters.binary.fetch_add(1, Ordering::Relaxed);
         }
-        let hits = engine.scan(&job.rel, &buf, binary);
-        if !hits.is_empty() {
+        if !scanned.hits.is_empty() {
             lock(shared)
                 .hits
-                .insert(job.path, (job.rel[1..].to_owned(), hits));
+                .insert(job.path, (job.rel[1..].to_owned(), scanned.hits));
         }
-        // The buffer is kept for the next file: freeing and reallocating
-        // multi-megabyte buffers fragments the allocator's heap, which costs
-        // more resident memory than one buffer per worker at the size cap.
     }
+}
+
+/// What scanning one stream found.
+#[derive(Debug)]
+pub(crate) struct Scanned {
+    pub hits: Vec<Hit>,
+    /// First 128 bits of the SHA-256 of every byte scanned.
+    pub digest: [u8; 16],
+    pub bytes: u64,
+    /// Whether the first window looked binary (then only binary rules ran).
+    pub binary: bool,
+}
+
+/// Scan everything `reader` yields, holding at most `window` bytes at once.
+///
+/// A stream that fits in one window is matched as one buffer. A longer one
+/// is matched window by window; consecutive windows share at least
+/// [`WINDOW_OVERLAP`] bytes, and each window reports only the hits that
+/// start before the next window does (the next one sees the rest, with
+/// their context). The next window starts at a line start when one falls
+/// in the overlap zone (else at a word start), so anchored patterns see
+/// what they would in the whole file. Lines and columns are those of the whole stream.
+/// `size_hint` (the size the walker saw) sizes the first read only.
+pub(crate) fn scan_stream(
+    engine: &Engine,
+    rel: &str,
+    reader: &mut dyn Read,
+    size_hint: u64,
+    window: usize,
+    buf: &mut Vec<u8>,
+) -> io::Result<Scanned> {
+    let window = window.max(MIN_WINDOW);
+    // One byte more than expected, to notice growth without a second pass.
+    let mut target = usize::try_from(size_hint.saturating_add(1))
+        .unwrap_or(window)
+        .clamp(1, window);
+    let mut hasher = Sha256::new();
+    let mut hits = Vec::new();
+    let mut len = 0usize; // valid bytes in buf
+    let mut consumed = 0u64; // stream bytes before buf[0]
+    let mut base_line = 0u64; // newlines before buf[0]
+    let mut col_carry = 0u64; // code points between the last line start and buf[0]
+    let mut binary = None;
+    loop {
+        // Fill the window, growing the buffer only as far as needed.
+        let eof = loop {
+            if len == target {
+                if target >= window {
+                    break false;
+                }
+                target = (target * 2).min(window);
+            }
+            if buf.len() < target {
+                buf.resize(target, 0);
+            }
+            match reader.read(&mut buf[len..target]) {
+                Ok(0) => break true,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let data = &buf[..len];
+        let binary = *binary.get_or_insert_with(|| looks_binary(data));
+        // Where the next window starts: everything before it is reported
+        // from this one.
+        let cut = if eof {
+            len
+        } else {
+            // A line start, else a word start (so `^` and `\b` at the
+            // window's start mean what they do in the file), else anywhere.
+            let from = len - 2 * WINDOW_OVERLAP;
+            let zone = &data[from..len - WINDOW_OVERLAP];
+            memchr::memrchr(b'\n', zone)
+                .or_else(|| memchr::memrchr2(b' ', b'\t', zone))
+                .map_or(len - WINDOW_OVERLAP, |i| from + i + 1)
+        };
+        for mut h in engine.scan(rel, data, binary) {
+            if h.offset >= cut {
+                continue;
+            }
+            if h.line == 1 {
+                h.column += col_carry;
+            }
+            h.line += base_line;
+            h.offset = h
+                .offset
+                .saturating_add(usize::try_from(consumed).unwrap_or(usize::MAX));
+            hits.push(h);
+        }
+        let done = &data[..cut];
+        hasher.update(done);
+        let newlines = memchr::memchr_iter(b'\n', done).count() as u64;
+        let line_start = memchr::memrchr(b'\n', done).map_or(0, |i| i + 1);
+        let tail_chars = done[line_start..]
+            .iter()
+            .filter(|b| (**b & 0xC0) != 0x80)
+            .count() as u64;
+        col_carry = if newlines > 0 {
+            tail_chars
+        } else {
+            col_carry + tail_chars
+        };
+        base_line += newlines;
+        consumed += cut as u64;
+        if eof {
+            break;
+        }
+        buf.copy_within(cut..len, 0);
+        len -= cut;
+    }
+    let full: [u8; 32] = hasher.finalize().into();
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&full[..16]);
+    Ok(Scanned {
+        hits,
+        digest,
+        bytes: consumed,
+        binary: binary.unwrap_or(false),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -317,7 +443,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// content is published with the package, so it is no host's secret (for
 /// example the self-test keys compiled into libgnutls). Only files with
 /// findings are checked, so a clean scan pays nothing.
-fn drop_package_files(root: &Root, findings: &mut Vec<Finding>, max: u64) {
+fn drop_package_files(root: &Root, findings: &mut Vec<Finding>) {
     use md5::{Digest as _, Md5};
     use std::collections::HashSet;
     if findings.is_empty() {
@@ -369,13 +495,28 @@ fn drop_package_files(root: &Root, findings: &mut Vec<Finding>, max: u64) {
     }
     let mut shipped: HashSet<String> = HashSet::new();
     for (path, sum) in &expected {
-        if let Ok(data) = crate::safefs::read_beneath(root, Path::new(path), max + 1)
-            && hex::encode(Md5::digest(&data)) == *sum
-        {
+        // Streamed: a file with a finding may be of any size.
+        let mut md5 = Md5::new();
+        let hashed = crate::safefs::open_regular_beneath(root, Path::new(path))
+            .and_then(|mut f| io::copy(&mut f, &mut DigestWriter(&mut md5)));
+        if hashed.is_ok() && hex::encode(md5.finalize()) == *sum {
             shipped.insert(path.clone());
         }
     }
     findings.retain(|f| !shipped.contains(&f.path));
+}
+
+/// Feeds written bytes to a digest.
+struct DigestWriter<'a, D>(&'a mut D);
+
+impl<D: md5::Digest> io::Write for DigestWriter<'_, D> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The root's own top-level directory symlinks (`lib -> usr/lib`, `bin ->
@@ -427,6 +568,116 @@ fn dpkg_names(path: &str, aliases: &[(PathBuf, PathBuf)]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At most `n` bytes per `read`, as pipes and decompressors return.
+    struct Trickle<R>(R, usize);
+
+    impl<R: Read> Read for Trickle<R> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let n = b.len().min(self.1);
+            self.0.read(&mut b[..n])
+        }
+    }
+
+    fn token() -> String {
+        // Assembled here so no complete token sits in the source.
+        format!("ghp_{}", "Zq4Lm8Vt2Xr6Kp0Nw3Yb7Jc1Hd5Gf9Sa2Qe7")
+    }
+
+    /// Every hit of `data` scanned as one stream in `window`-byte windows,
+    /// as (rule, line, column, offset).
+    fn stream_hits(engine: &Engine, data: &[u8], window: usize) -> Vec<(String, u64, u64, usize)> {
+        let mut buf = Vec::new();
+        let mut r = Trickle(io::Cursor::new(data), 70_000);
+        let s = scan_stream(engine, "/var/log/app.log", &mut r, 0, window, &mut buf).expect("scan");
+        assert_eq!(s.bytes, data.len() as u64);
+        assert!(
+            buf.len() <= window.max(MIN_WINDOW),
+            "buffer grew to {}",
+            buf.len()
+        );
+        s.hits
+            .iter()
+            .map(|h| {
+                (
+                    engine.rules()[h.rule].id().to_owned(),
+                    h.line,
+                    h.column,
+                    h.offset,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_token_across_any_window_boundary_is_found_once_with_its_position() {
+        let engine = Engine::new(rules::builtin());
+        let tok = token();
+        let w = MIN_WINDOW;
+        // The first window ends at `w`; without line starts nearby, the
+        // next begins at `w - WINDOW_OVERLAP`. Tokens around both points,
+        // and around the second window's end.
+        let second_end = w - WINDOW_OVERLAP + w;
+        let cut = w - WINDOW_OVERLAP;
+        let mut at = Vec::new();
+        for edge in [cut, w, second_end, 2 * cut] {
+            for d in [-41i64, -40, -20, -1, 0, 1, 20] {
+                at.push((edge as i64 + d) as usize);
+            }
+        }
+        for long_lines in [true, false] {
+            for &p in &at {
+                let mut data: Vec<u8> = if long_lines {
+                    // One line of filler: no line start to align to.
+                    vec![b'.'; p]
+                } else {
+                    let line = b"2026-12-02T10:00:00Z app[42]: GET /items 200\n";
+                    line.iter().copied().cycle().take(p).collect()
+                };
+                data.push(b' ');
+                data.extend_from_slice(tok.as_bytes());
+                data.push(b' ');
+                data.resize(data.len() + 3 * w, b'.');
+                let hits = stream_hits(&engine, &data, w);
+                let line = 1 + data[..=p].iter().filter(|b| **b == b'\n').count() as u64;
+                let line_start = data[..=p]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                let col = (p + 1 - line_start + 1) as u64;
+                assert_eq!(
+                    hits,
+                    [("github-token".to_owned(), line, col, p + 1)],
+                    "token at byte {p} (long lines: {long_lines})"
+                );
+                // The same as one buffer.
+                let whole = engine.scan("/var/log/app.log", &data, false);
+                assert_eq!(whole.len(), 1);
+                assert_eq!((whole[0].line, whole[0].column), (line, col));
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_hashes_the_whole_stream() {
+        let engine = Engine::new(rules::builtin());
+        let data: Vec<u8> = (0..3 * MIN_WINDOW + 17)
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
+        let mut buf = Vec::new();
+        let s = scan_stream(
+            &engine,
+            "/x",
+            &mut io::Cursor::new(&data),
+            0,
+            MIN_WINDOW,
+            &mut buf,
+        )
+        .expect("scan");
+        let full: [u8; 32] = Sha256::digest(&data).into();
+        assert_eq!(s.digest[..], full[..16]);
+        assert_eq!(s.bytes, data.len() as u64);
+    }
 
     #[test]
     fn dpkg_names_follow_merged_usr_aliases() {
