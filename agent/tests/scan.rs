@@ -524,3 +524,52 @@ fn scan_streams_large_files_and_finds_tokens_at_the_end_and_across_windows() {
         assert!(!v.to_string().contains(t.as_str()));
     }
 }
+
+/// Issue 14: rotated logs compressed with gzip are scanned inside, in the
+/// same bounded windows, whatever their name.
+#[test]
+fn scan_reads_inside_gzip_rotated_logs() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("var/log")).expect("mkdir");
+    let token = github_token();
+    let line = b"Dec  2 10:00:00 web-7 CRON[811]: (root) CMD (command -v debian-sa1 > /dev/null)\n";
+    let lines = 100_000u64;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for _ in 0..lines {
+        gz.write_all(line).expect("compress");
+    }
+    writeln!(gz, "Dec  2 10:00:01 web-7 deploy: GITHUB_TOKEN={token}").expect("compress");
+    let gz = gz.finish().expect("finish");
+    std::fs::write(root.join("var/log/syslog.2.gz"), &gz).expect("write");
+    // The same content under a name without `.gz`: detected by its magic.
+    std::fs::write(root.join("var/log/syslog.3"), &gz).expect("write");
+    let (code, v, stderr) = scan_json(&root, &["--window", "262144"]);
+    assert_eq!(code, 1, "{stderr}");
+    let f = findings(&v, "findings");
+    let mut got: Vec<(String, u64, u64)> = f
+        .iter()
+        .map(|x| {
+            (
+                x["path"].as_str().unwrap_or("").to_owned(),
+                x["line"].as_u64().unwrap_or(0),
+                x["column"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let col = "Dec  2 10:00:01 web-7 deploy: GITHUB_TOKEN=".len() as u64 + 1;
+    assert_eq!(
+        got,
+        [
+            ("var/log/syslog.2.gz".to_owned(), lines + 1, col),
+            ("var/log/syslog.3".to_owned(), lines + 1, col),
+        ]
+    );
+    assert!(f.iter().all(|x| x["rule"] == "github-token"));
+    // The copy is recognised by its content: one gzip content, read twice.
+    assert_eq!(v["stats"]["gzip"], 1);
+    let plain = lines * line.len() as u64 + col - 1 + token.len() as u64 + 1;
+    assert_eq!(v["stats"]["bytes"], 2 * plain);
+}

@@ -112,6 +112,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
             t.bytes += s.bytes;
             t.skipped_binary += s.skipped_binary;
             t.skipped_large += s.skipped_large;
+            t.gzip += s.gzip;
             t.errors += s.errors;
             t.elapsed_ms += s.elapsed_ms;
         }

@@ -33,6 +33,9 @@ pub struct ScanStats {
     pub skipped_binary: u64,
     /// Files over the size cap, not read.
     pub skipped_large: u64,
+    /// Files scanned inside gzip compression (`bytes` counts what they
+    /// decompress to).
+    pub gzip: u64,
     /// Entries that could not be walked, opened or read.
     pub errors: u64,
     pub elapsed_ms: u64,
@@ -310,6 +313,7 @@ mod tests {
                 "elapsed_ms",
                 "errors",
                 "files",
+                "gzip",
                 "skipped_binary",
                 "skipped_large"
             ]

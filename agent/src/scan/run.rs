@@ -43,6 +43,16 @@ pub const WINDOW_OVERLAP: usize = 64 << 10;
 /// The smallest window accepted: below it the overlap would dominate.
 pub const MIN_WINDOW: usize = 4 * WINDOW_OVERLAP;
 
+/// A gzip member starts with its magic and the deflate method byte.
+const GZIP_MAGIC: [u8; 3] = [0x1f, 0x8b, 0x08];
+
+/// How far a gzip file is decompressed: this many bytes per compressed
+/// byte, and at least [`MIN_DECOMPRESSED_LIMIT`]. Rotated logs compress 5 to
+/// 50 times; a file that expands beyond the limit (a decompression bomb) is
+/// scanned up to it and listed as not fully scanned.
+pub const DECOMPRESSION_RATIO_LIMIT: u64 = 128;
+pub const MIN_DECOMPRESSED_LIMIT: u64 = 1 << 30;
+
 /// Host directories that hold no files of the image: kernel and runtime
 /// state, device nodes.
 pub const HOST_SKIP: &[&str] = &["proc", "sys", "dev", "run"];
@@ -108,6 +118,7 @@ struct Counters {
     bytes: AtomicU64,
     binary: AtomicU64,
     large: AtomicU64,
+    gzip: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -254,6 +265,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
             bytes: counters.bytes.load(Ordering::Relaxed),
             skipped_binary: counters.binary.load(Ordering::Relaxed),
             skipped_large: counters.large.load(Ordering::Relaxed),
+            gzip: counters.gzip.load(Ordering::Relaxed),
             errors: walk_errors + counters.errors.load(Ordering::Relaxed),
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         },
@@ -282,19 +294,31 @@ fn worker(
             guard.recv()
         };
         let Ok(job) = job else { return };
-        let mut file = job.file;
-        let scanned = scan_stream(engine, &job.rel, &mut file, job.size, window, &mut buf);
-        let scanned = match scanned {
-            Ok(s) => s,
-            Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                lock(shared)
-                    .problems
-                    .push(format!("{}: {e}", &job.rel[1..]));
-                continue;
-            }
-        };
+        // A content already scanned is not matched again (checked before
+        // matching when the content fits in one window).
+        let seen = |d: &[u8; 16]| lock(shared).contents.contains_key(d);
+        let scanned = scan_file(
+            engine,
+            &job.rel,
+            job.file,
+            job.size,
+            (window, MIN_DECOMPRESSED_LIMIT),
+            &mut buf,
+            &seen,
+        );
         counters.bytes.fetch_add(scanned.bytes, Ordering::Relaxed);
+        if let Some(e) = &scanned.error {
+            // What was read before the error is still reported; the file
+            // is listed as not (fully) scanned.
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            let mut s = lock(shared);
+            s.problems.push(format!("{}: {e}", &job.rel[1..]));
+            if !scanned.hits.is_empty() {
+                s.hits
+                    .insert(job.path, (job.rel[1..].to_owned(), scanned.hits));
+            }
+            continue;
+        }
         {
             let mut s = lock(shared);
             if let Some(&first) = s.contents.get(&scanned.digest) {
@@ -302,6 +326,9 @@ fn worker(
                 continue;
             }
             s.contents.insert(scanned.digest, job.path);
+        }
+        if scanned.gzip {
+            counters.gzip.fetch_add(1, Ordering::Relaxed);
         }
         if scanned.binary {
             counters.binary.fetch_add(1, Ordering::Relaxed);
@@ -314,15 +341,109 @@ fn worker(
     }
 }
 
+/// Scan one opened file: the file's bytes, or, when it starts with the gzip
+/// magic, what it decompresses to (every member, streamed through the same
+/// windows). `limits`: the window, and the least a gzip file may
+/// decompress to before it counts as a bomb.
+fn scan_file(
+    engine: &Engine,
+    rel: &str,
+    mut file: File,
+    size: u64,
+    (window, min_inflated): (usize, u64),
+    buf: &mut Vec<u8>,
+    seen: &dyn Fn(&[u8; 16]) -> bool,
+) -> Scanned {
+    let mut head = [0u8; 3];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Scanned::failed(e),
+        }
+    }
+    let mut raw = io::Cursor::new(head).take(n as u64).chain(file);
+    if head[..n] != GZIP_MAGIC {
+        return scan_stream(engine, rel, &mut raw, size, window, buf, seen);
+    }
+    let limit = size
+        .saturating_mul(DECOMPRESSION_RATIO_LIMIT)
+        .max(min_inflated);
+    let mut inflated = Bounded {
+        inner: flate2::read::MultiGzDecoder::new(raw),
+        left: limit,
+    };
+    let mut s = scan_stream(engine, rel, &mut inflated, size, window, buf, seen);
+    s.gzip = true;
+    if s.error.is_none() && inflated.left == 0 {
+        let mut probe = [0u8; 1];
+        if matches!(inflated.inner.read(&mut probe), Ok(1..)) {
+            s.error = Some(io::Error::other(format!(
+                "gzip: decompresses to more than {limit} bytes (scanned up to there)"
+            )));
+        }
+    }
+    if let Some(e) = s.error.take() {
+        s.error = Some(io::Error::new(e.kind(), format!("inside gzip: {e}")));
+    }
+    s
+}
+
+fn digest16(full: [u8; 32]) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&full[..16]);
+    d
+}
+
+/// At most `left` bytes of `inner`.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let n = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(b.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let k = self.inner.read(&mut b[..n])?;
+        self.left -= k as u64;
+        Ok(k)
+    }
+}
+
 /// What scanning one stream found.
 #[derive(Debug)]
 pub(crate) struct Scanned {
+    /// Hits in what was read (up to `error`, if any).
     pub hits: Vec<Hit>,
+    /// Why the stream could not be read to its end.
+    pub error: Option<io::Error>,
+    /// The content was gzip-compressed and scanned decompressed.
+    pub gzip: bool,
     /// First 128 bits of the SHA-256 of every byte scanned.
     pub digest: [u8; 16],
     pub bytes: u64,
     /// Whether the first window looked binary (then only binary rules ran).
     pub binary: bool,
+}
+
+impl Scanned {
+    fn failed(e: io::Error) -> Scanned {
+        Scanned {
+            hits: Vec::new(),
+            error: Some(e),
+            gzip: false,
+            digest: [0; 16],
+            bytes: 0,
+            binary: false,
+        }
+    }
 }
 
 /// Scan everything `reader` yields, holding at most `window` bytes at once.
@@ -334,7 +455,9 @@ pub(crate) struct Scanned {
 /// their context). The next window starts at a line start when one falls
 /// in the overlap zone (else at a word start), so anchored patterns see
 /// what they would in the whole file. Lines and columns are those of the whole stream.
-/// `size_hint` (the size the walker saw) sizes the first read only.
+/// `size_hint` (the size the walker saw) sizes the first read only. A
+/// stream that fits in one window is not matched when `seen` says its
+/// digest was already scanned.
 pub(crate) fn scan_stream(
     engine: &Engine,
     rel: &str,
@@ -342,7 +465,8 @@ pub(crate) fn scan_stream(
     size_hint: u64,
     window: usize,
     buf: &mut Vec<u8>,
-) -> io::Result<Scanned> {
+    seen: &dyn Fn(&[u8; 16]) -> bool,
+) -> Scanned {
     let window = window.max(MIN_WINDOW);
     // One byte more than expected, to notice growth without a second pass.
     let mut target = usize::try_from(size_hint.saturating_add(1))
@@ -355,6 +479,7 @@ pub(crate) fn scan_stream(
     let mut base_line = 0u64; // newlines before buf[0]
     let mut col_carry = 0u64; // code points between the last line start and buf[0]
     let mut binary = None;
+    let mut error = None;
     loop {
         // Fill the window, growing the buffer only as far as needed.
         let eof = loop {
@@ -371,10 +496,27 @@ pub(crate) fn scan_stream(
                 Ok(0) => break true,
                 Ok(n) => len += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Scan what was read, then stop.
+                    error = Some(e);
+                    break true;
+                }
             }
         };
         let data = &buf[..len];
+        if eof && consumed == 0 && error.is_none() {
+            let d = digest16(Sha256::digest(data).into());
+            if seen(&d) {
+                return Scanned {
+                    hits: Vec::new(),
+                    error: None,
+                    gzip: false,
+                    digest: d,
+                    bytes: len as u64,
+                    binary: looks_binary(data),
+                };
+            }
+        }
         let binary = *binary.get_or_insert_with(|| looks_binary(data));
         // Where the next window starts: everything before it is reported
         // from this one.
@@ -423,15 +565,14 @@ pub(crate) fn scan_stream(
         buf.copy_within(cut..len, 0);
         len -= cut;
     }
-    let full: [u8; 32] = hasher.finalize().into();
-    let mut digest = [0u8; 16];
-    digest.copy_from_slice(&full[..16]);
-    Ok(Scanned {
+    Scanned {
         hits,
-        digest,
+        error,
+        gzip: false,
+        digest: digest16(hasher.finalize().into()),
         bytes: consumed,
         binary: binary.unwrap_or(false),
-    })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -589,7 +730,16 @@ mod tests {
     fn stream_hits(engine: &Engine, data: &[u8], window: usize) -> Vec<(String, u64, u64, usize)> {
         let mut buf = Vec::new();
         let mut r = Trickle(io::Cursor::new(data), 70_000);
-        let s = scan_stream(engine, "/var/log/app.log", &mut r, 0, window, &mut buf).expect("scan");
+        let s = scan_stream(
+            engine,
+            "/var/log/app.log",
+            &mut r,
+            0,
+            window,
+            &mut buf,
+            &|_| false,
+        );
+        assert!(s.error.is_none());
         assert_eq!(s.bytes, data.len() as u64);
         assert!(
             buf.len() <= window.max(MIN_WINDOW),
@@ -658,6 +808,98 @@ mod tests {
         }
     }
 
+    fn gzip(parts: &[&[u8]]) -> tempfile::NamedTempFile {
+        use std::io::Write as _;
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        for p in parts {
+            // Each part its own member, as `cat a.gz b.gz` makes.
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(p).expect("compress");
+            f.write_all(&enc.finish().expect("finish")).expect("write");
+        }
+        f
+    }
+
+    fn scan_gz(f: &tempfile::NamedTempFile, min_inflated: u64) -> Scanned {
+        let engine = Engine::new(rules::builtin());
+        let file = File::open(f.path()).expect("open");
+        let size = file.metadata().expect("stat").len();
+        let mut buf = Vec::new();
+        let s = scan_file(
+            &engine,
+            "/var/log/app.log.2.gz",
+            file,
+            size,
+            (MIN_WINDOW, min_inflated),
+            &mut buf,
+            &|_| false,
+        );
+        assert!(buf.len() <= MIN_WINDOW);
+        s
+    }
+
+    #[test]
+    fn gzip_members_are_scanned_inside_in_windows() {
+        let log: Vec<u8> = b"2026-12-02T10:00:00Z app[42]: GET /items 200\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(45 * 30_000)
+            .collect();
+        let last = format!("export GITHUB_TOKEN={}\n", token());
+        let f = gzip(&[&log, &log, last.as_bytes()]);
+        let s = scan_gz(&f, 1 << 30);
+        assert!(s.gzip);
+        assert!(s.error.is_none(), "{:?}", s.error);
+        assert!(!s.binary, "decompressed text is text");
+        assert_eq!(s.bytes, 2 * log.len() as u64 + last.len() as u64);
+        assert_eq!(s.hits.len(), 1);
+        assert_eq!((s.hits[0].line, s.hits[0].column), (2 * 30_000 + 1, 21));
+    }
+
+    #[test]
+    fn a_truncated_gzip_reports_what_it_read_and_the_error() {
+        let first = format!("GITHUB_TOKEN={}\n", token());
+        let tail: Vec<u8> = (0..400_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let f = gzip(&[first.as_bytes(), &tail]);
+        let len = f.as_file().metadata().expect("stat").len();
+        f.as_file().set_len(len - 1000).expect("truncate");
+        let s = scan_gz(&f, 1 << 30);
+        assert_eq!(s.hits.len(), 1, "the token before the damage is reported");
+        let e = s.error.expect("a truncated gzip is an error").to_string();
+        assert!(e.contains("inside gzip"), "{e}");
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_scanned_up_to_the_limit_and_reported() {
+        let zeros = vec![b'\n'; 8 << 20];
+        let f = gzip(&[&zeros]);
+        let size = f.as_file().metadata().expect("stat").len();
+        let limit = (size * DECOMPRESSION_RATIO_LIMIT).max(1 << 20);
+        assert!(limit < 8 << 20, "{size} bytes compressed");
+        let s = scan_gz(&f, 1 << 20);
+        assert_eq!(s.bytes, limit);
+        let e = s.error.expect("over the limit").to_string();
+        assert!(e.contains("decompresses to more than"), "{e}");
+        // Under the limit it is read to the end.
+        let s = scan_gz(&f, 16 << 20);
+        assert!(s.error.is_none());
+        assert_eq!(s.bytes, 8 << 20);
+    }
+
+    #[test]
+    fn a_file_merely_starting_like_gzip_magic_bytes_is_plain() {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        use std::io::Write as _;
+        f.write_all(&[0x1f, 0x8b]).expect("write");
+        f.write_all(format!("no, GITHUB_TOKEN={}\n", token()).as_bytes())
+            .expect("write");
+        let s = scan_gz(&f, 1 << 30);
+        assert!(!s.gzip);
+        assert!(s.error.is_none());
+        assert_eq!(s.hits.len(), 1);
+    }
+
     #[test]
     fn streaming_hashes_the_whole_stream() {
         let engine = Engine::new(rules::builtin());
@@ -672,8 +914,8 @@ mod tests {
             0,
             MIN_WINDOW,
             &mut buf,
-        )
-        .expect("scan");
+            &|_| false,
+        );
         let full: [u8; 32] = Sha256::digest(&data).into();
         assert_eq!(s.digest[..], full[..16]);
         assert_eq!(s.bytes, data.len() as u64);
