@@ -41,6 +41,12 @@ pub struct ScanPolicy {
     /// private-key findings in exactly these files are set aside (and
     /// listed as expected); the same key anywhere else is a finding.
     pub expected_keys: Vec<PathBuf>,
+    /// Paths (files, or directories for everything beneath) that may stay
+    /// unscanned — unreadable, over `max_file_size`, damaged compression —
+    /// without keeping the host from being ready. They are still listed.
+    /// Anything else that cannot be scanned makes the host not ready.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accept_unscanned: Vec<PathBuf>,
 }
 
 /// Where the packaged agent keeps its client key.
@@ -52,6 +58,7 @@ impl Default for ScanPolicy {
             baseline: None,
             max_file_size: None,
             expected_keys: vec![PathBuf::from(AGENT_KEY)],
+            accept_unscanned: Vec::new(),
         }
     }
 }

@@ -205,10 +205,22 @@ fn scan_check(root: &Root, policy: &Policy) -> Check {
             }
         ));
     }
-    if report.stats.errors > 0 {
+    if !report.unscanned.is_empty() {
+        let listed: Vec<String> = report
+            .unscanned
+            .iter()
+            .take(LISTED)
+            .map(|u| format!("{} ({})", u.path, u.reason))
+            .collect();
         problems.push(format!(
-            "{} path(s) could not be scanned",
-            report.stats.errors
+            "{} path(s) could not be scanned: {}{}",
+            report.unscanned.len(),
+            listed.join(", "),
+            if report.unscanned.len() > LISTED {
+                ", ..."
+            } else {
+                ""
+            }
         ));
     }
     if problems.is_empty() {

@@ -573,3 +573,95 @@ fn scan_reads_inside_gzip_rotated_logs() {
     let plain = lines * line.len() as u64 + col - 1 + token.len() as u64 + 1;
     assert_eq!(v["stats"]["bytes"], 2 * plain);
 }
+
+/// Issue 14: an unreadable file is listed in every format and fails the
+/// scan (exit 2) unless accepted by path. Run without privileges, so that
+/// permissions apply.
+#[test]
+fn scan_lists_unreadable_paths_in_every_format_and_fails_unless_accepted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    for d in ["etc", "var/lib/app"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("etc/motd"), "welcome\n").expect("write");
+    let secret = root.join("var/lib/app/secret.db");
+    std::fs::write(&secret, "DB_PASSWORD=Kq2ZtW9xLm4VbN8c\n").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    for p in [
+        dir.path(),
+        root.as_path(),
+        &root.join("var"),
+        &root.join("var/lib"),
+        &root.join("var/lib/app"),
+        &root.join("etc"),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::set_permissions(
+        root.join("etc/motd"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let unprivileged = |format: &str, extra: &[&str]| -> Output {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_amiprep-agent"))
+        .args([
+            "scan",
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--format",
+            format,
+        ])
+        .args(extra);
+        c.output().expect("run setpriv")
+    };
+    let out = unprivileged("json", &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["unscanned"][0]["path"], "var/lib/app/secret.db", "{v}");
+    assert!(
+        v["unscanned"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ermission denied"))
+    );
+    assert_eq!(v["stats"]["errors"], 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not scanned: var/lib/app/secret.db"));
+
+    let out = unprivileged("sarif", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("sarif");
+    let n = &v["runs"][0]["invocations"][0]["toolExecutionNotifications"][0];
+    assert_eq!(n["level"], "error");
+    assert_eq!(
+        n["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+        "var/lib/app/secret.db"
+    );
+    assert_eq!(v["runs"][0]["invocations"][0]["executionSuccessful"], false);
+
+    let out = unprivileged("text", &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("var/lib/app/secret.db: not scanned: "));
+
+    let out = unprivileged("json", &["--accept-unscanned", "/var/lib/app"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["unscanned"].as_array().map(Vec::len), Some(0));
+    assert_eq!(v["accepted_unscanned"][0]["path"], "var/lib/app/secret.db");
+}

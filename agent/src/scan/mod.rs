@@ -22,7 +22,7 @@ use std::{
     process::ExitCode,
 };
 
-pub use report::{Baseline, BaselineEntry, Finding, ScanReport, ScanStats};
+pub use report::{Baseline, BaselineEntry, Finding, ScanReport, ScanStats, Unscanned};
 pub use run::{DEFAULT_WINDOW, HOST_SKIP, MIN_WINDOW, ScanOptions, WINDOW_OVERLAP, scan_root};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -60,6 +60,10 @@ pub struct ScanArgs {
     /// Also enter other mounted filesystems.
     #[arg(long)]
     pub cross_mounts: bool,
+    /// A path (file, or directory for everything beneath) that may stay
+    /// unscanned without failing the scan; repeatable. It is still listed.
+    #[arg(long, value_name = "PATH")]
+    pub accept_unscanned: Vec<PathBuf>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -74,8 +78,8 @@ pub enum RulesCommand {
 }
 
 /// Exit codes: 0 clean, 1 findings beyond the baseline, 2 error (including
-/// files that could not be scanned: a scan that could not see everything
-/// does not call a host clean).
+/// paths that could not be scanned and are not accepted: a scan that could
+/// not see everything does not call a host clean).
 pub fn main(args: ScanArgs) -> ExitCode {
     match run_cli(&args) {
         Ok(code) => ExitCode::from(code),
@@ -94,6 +98,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
         max_file_size: args.max_file_size,
         cross_mounts: args.cross_mounts,
         threads: args.threads,
+        accept_unscanned: args.accept_unscanned.clone(),
         ..ScanOptions::default()
     };
     let mut report = if args.paths.is_empty() {
@@ -106,7 +111,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
         for p in &args.paths {
             let r = scan_path(p, &base)?;
             total.findings.extend(r.findings);
-            total.problems.extend(r.problems);
+            total.unscanned.extend(r.unscanned);
             let (t, s) = (&mut total.stats, &r.stats);
             t.files += s.files;
             t.bytes += s.bytes;
@@ -117,8 +122,11 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
             t.elapsed_ms += s.elapsed_ms;
         }
         total.findings.sort();
+        total.unscanned.sort();
         total
     };
+    // PATH arguments: accepted paths are given as reported (under PATH).
+    report.accept_unscanned(&args.accept_unscanned);
     if let Some(out) = &args.write_baseline {
         let mut all = report.findings.clone();
         all.extend(report.accepted.iter().cloned());
@@ -128,8 +136,8 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
     if let Some(b) = &baseline {
         report::apply_baseline(&mut report, b);
     }
-    for p in &report.problems {
-        eprintln!("amiprep-agent: scan: not scanned: {p}");
+    for u in &report.unscanned {
+        eprintln!("amiprep-agent: scan: not scanned: {}: {}", u.path, u.reason);
     }
     let rules = rules::builtin();
     let mut out = std::io::stdout().lock();
@@ -141,7 +149,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
     out.flush()?;
     Ok(if !report.findings.is_empty() {
         1
-    } else if report.stats.errors > 0 {
+    } else if !report.unscanned.is_empty() {
         2
     } else {
         0
@@ -184,6 +192,9 @@ fn scan_path(p: &Path, base: &ScanOptions) -> anyhow::Result<ScanReport> {
     let mut r = scan_root(&root, &opts)?;
     for f in &mut r.findings {
         f.path = prefix.join(&f.path).to_string_lossy().into_owned();
+    }
+    for u in &mut r.unscanned {
+        u.path = prefix.join(&u.path).to_string_lossy().into_owned();
     }
     Ok(r)
 }

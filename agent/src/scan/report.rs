@@ -49,15 +49,49 @@ pub struct ScanReport {
     /// Findings the baseline accepts.
     pub accepted: Vec<Finding>,
     pub stats: ScanStats,
-    /// Paths that could not be scanned, with the reason (never file content).
-    #[serde(skip)]
-    pub problems: Vec<String>,
+    /// Paths that could not be scanned, in whole or in part (unreadable, an
+    /// I/O error, over an explicit size cap, damaged compression), with the
+    /// reason, never file content. These make a host not ready.
+    pub unscanned: Vec<Unscanned>,
+    /// Unscanned paths the policy accepts by path: listed, not blocking.
+    pub accepted_unscanned: Vec<Unscanned>,
+}
+
+/// A path the scan could not read to its end, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Unscanned {
+    /// Path beneath the scanned root (no leading `/`).
+    pub path: String,
+    pub reason: String,
 }
 
 impl ScanReport {
     /// Nothing found beyond the baseline.
     pub fn is_clean(&self) -> bool {
         self.findings.is_empty()
+    }
+
+    /// Nothing found beyond the baseline, and every path scanned or
+    /// accepted unscanned: what a host needs to be ready.
+    pub fn is_ready(&self) -> bool {
+        self.findings.is_empty() && self.unscanned.is_empty()
+    }
+
+    /// Moves unscanned entries at or beneath one of `accepted` (root-
+    /// relative; a leading `/` is ignored) to `accepted_unscanned`.
+    pub fn accept_unscanned(&mut self, accepted: &[std::path::PathBuf]) {
+        let (yes, no): (Vec<Unscanned>, Vec<Unscanned>) = std::mem::take(&mut self.unscanned)
+            .into_iter()
+            .partition(|u| {
+                let p = Path::new(u.path.trim_start_matches('/'));
+                accepted.iter().any(|a| {
+                    let a = a.strip_prefix("/").unwrap_or(a);
+                    !a.as_os_str().is_empty() && p.starts_with(a)
+                })
+            });
+        self.unscanned = no;
+        self.accepted_unscanned.extend(yes);
+        self.accepted_unscanned.sort();
     }
 
     /// Moves private-key findings in exactly the files `expected` names
@@ -165,15 +199,24 @@ pub fn write_text(out: &mut impl io::Write, report: &ScanReport, rules: &[Rule])
             f.path, f.line, f.column, f.rule, sev, f.preview, f.fingerprint
         )?;
     }
+    for u in &report.unscanned {
+        writeln!(out, "{}: not scanned: {}", u.path, u.reason)?;
+    }
+    for u in &report.accepted_unscanned {
+        writeln!(out, "{}: not scanned (accepted): {}", u.path, u.reason)?;
+    }
     let s = &report.stats;
     writeln!(
         out,
-        "{} finding(s), {} accepted; {} files, {} bytes, {} binary, {} over size cap, {} errors, {} ms",
+        "{} finding(s), {} accepted; {} not scanned, {} accepted; {} files, {} bytes, {} binary, {} gzip, {} over size cap, {} errors, {} ms",
         report.findings.len(),
         report.accepted.len(),
+        report.unscanned.len(),
+        report.accepted_unscanned.len(),
         s.files,
         s.bytes,
         s.skipped_binary,
+        s.gzip,
         s.skipped_large,
         s.errors,
         s.elapsed_ms
@@ -230,6 +273,32 @@ pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
             })
         })
         .collect();
+    // Paths not scanned: an error each (they block readiness), a note each
+    // when the policy accepts them.
+    let notification = |u: &Unscanned, level: &str, text: String| {
+        json!({
+            "descriptor": { "id": "unscanned" },
+            "level": level,
+            "message": { "text": text },
+            "locations": [{
+                "physicalLocation": {
+                    "artifactLocation": { "uri": uri_escape(&u.path), "uriBaseId": "ROOT" },
+                }
+            }],
+        })
+    };
+    let notifications: Vec<_> = report
+        .unscanned
+        .iter()
+        .map(|u| notification(u, "error", format!("not scanned: {}", u.reason)))
+        .chain(report.accepted_unscanned.iter().map(|u| {
+            notification(
+                u,
+                "note",
+                format!("not scanned (accepted by the policy): {}", u.reason),
+            )
+        }))
+        .collect();
     let doc = json!({
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
@@ -242,6 +311,10 @@ pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
             }},
             "originalUriBaseIds": { "ROOT": { "uri": "file:///" } },
             "columnKind": "unicodeCodePoints",
+            "invocations": [{
+                "executionSuccessful": report.unscanned.is_empty(),
+                "toolExecutionNotifications": notifications,
+            }],
             "results": results,
         }],
     });
@@ -299,7 +372,16 @@ mod tests {
         };
         let v: serde_json::Value = serde_json::from_str(&to_json(&r)).expect("json");
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
-        assert_eq!(keys, ["accepted", "findings", "stats"]);
+        assert_eq!(
+            keys,
+            [
+                "accepted",
+                "accepted_unscanned",
+                "findings",
+                "stats",
+                "unscanned"
+            ]
+        );
         let f: Vec<&String> = v["findings"][0].as_object().expect("obj").keys().collect();
         assert_eq!(
             f,
@@ -317,6 +399,77 @@ mod tests {
                 "skipped_binary",
                 "skipped_large"
             ]
+        );
+    }
+
+    fn unscanned(path: &str) -> Unscanned {
+        Unscanned {
+            path: path.into(),
+            reason: "Permission denied (os error 13)".into(),
+        }
+    }
+
+    #[test]
+    fn unscanned_paths_block_readiness_unless_accepted_by_path() {
+        let mut r = ScanReport {
+            unscanned: vec![
+                unscanned("var/lib/app/secret.db"),
+                unscanned("var/cache/app/x"),
+                unscanned("var/cache/application"),
+            ],
+            ..Default::default()
+        };
+        assert!(r.is_clean() && !r.is_ready());
+        r.accept_unscanned(&["/var/cache/app".into(), "".into()]);
+        assert_eq!(
+            r.unscanned,
+            [
+                unscanned("var/lib/app/secret.db"),
+                unscanned("var/cache/application")
+            ]
+        );
+        assert_eq!(r.accepted_unscanned, [unscanned("var/cache/app/x")]);
+        r.accept_unscanned(&[
+            "var/lib/app/secret.db".into(),
+            "var/cache/application".into(),
+        ]);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn sarif_lists_unscanned_paths_as_tool_execution_notifications() {
+        let r = ScanReport {
+            unscanned: vec![unscanned("var/lib/a b")],
+            accepted_unscanned: vec![unscanned("var/cache/x")],
+            ..Default::default()
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&to_sarif(&r, super::super::rules::builtin())).expect("json");
+        let inv = &v["runs"][0]["invocations"][0];
+        assert_eq!(inv["executionSuccessful"], false);
+        let n = inv["toolExecutionNotifications"].as_array().expect("array");
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[0]["level"], "error");
+        assert_eq!(
+            n[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+            "var/lib/a%20b"
+        );
+        assert!(
+            n[0]["message"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("Permission denied"))
+        );
+        assert_eq!(n[1]["level"], "note");
+        let mut text = Vec::new();
+        write_text(&mut text, &r, &[]).expect("text");
+        let text = String::from_utf8(text).expect("utf-8");
+        assert!(
+            text.contains("var/lib/a b: not scanned: Permission denied"),
+            "{text}"
+        );
+        assert!(
+            text.contains("var/cache/x: not scanned (accepted): "),
+            "{text}"
         );
     }
 

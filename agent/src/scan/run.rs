@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     engine::{Engine, Hit, looks_binary},
-    report::{Baseline, Finding, ScanReport, ScanStats, apply_baseline},
+    report::{Baseline, Finding, ScanReport, ScanStats, Unscanned, apply_baseline},
     rules,
     walker::{Control, Event, Kind, Root, WalkOptions, walk},
 };
@@ -76,6 +76,9 @@ pub struct ScanOptions {
     /// Worker threads; 0 means one per available core.
     pub threads: usize,
     pub baseline: Option<Baseline>,
+    /// Root-relative paths (files, or directories for everything beneath)
+    /// that may stay unscanned without blocking readiness.
+    pub accept_unscanned: Vec<PathBuf>,
 }
 
 impl Default for ScanOptions {
@@ -88,6 +91,7 @@ impl Default for ScanOptions {
             max_file_size: None,
             threads: 0,
             baseline: None,
+            accept_unscanned: Vec::new(),
         }
     }
 }
@@ -110,7 +114,7 @@ struct Shared {
     hits: HashMap<usize, (String, Vec<Hit>)>,
     /// (file id, path, id of the file whose content it repeats).
     aliases: Vec<(usize, String, usize)>,
-    problems: Vec<String>,
+    problems: Vec<Unscanned>,
 }
 
 #[derive(Default)]
@@ -122,9 +126,9 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// Scan beneath `root`. Fails only when a start cannot be resolved; files
-/// that cannot be read are counted in `stats.errors` and listed in
-/// `problems`.
+/// Scan beneath `root`. Fails only when a start cannot be resolved; paths
+/// that cannot be read (or only in part) are counted in `stats.errors` and
+/// listed in `unscanned`, as are files over an explicit size cap.
 pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let started = Instant::now();
     let engine = Engine::new(rules::builtin());
@@ -141,7 +145,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let counters = Counters::default();
     let mut files = 0u64;
     let mut walk_errors = 0u64;
-    let mut walk_problems: Vec<String> = Vec::new();
+    let mut walk_problems: Vec<Unscanned> = Vec::new();
     let mut links: HashMap<(u64, u64), usize> = HashMap::new();
     let mut link_aliases: Vec<(String, usize)> = Vec::new();
 
@@ -172,6 +176,13 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                         files += 1;
                         if e.meta.size > max {
                             counters.large.fetch_add(1, Ordering::Relaxed);
+                            walk_problems.push(Unscanned {
+                                path: e.rel.to_string_lossy().into_owned(),
+                                reason: format!(
+                                    "{} bytes, over the size cap of {max} bytes",
+                                    e.meta.size
+                                ),
+                            });
                             return Control::Continue;
                         }
                         if e.meta.nlink > 1 {
@@ -196,13 +207,19 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                             }
                             Err(err) => {
                                 walk_errors += 1;
-                                walk_problems.push(format!("{}: {err}", e.rel.display()));
+                                walk_problems.push(Unscanned {
+                                    path: e.rel.to_string_lossy().into_owned(),
+                                    reason: err.to_string(),
+                                });
                             }
                         }
                     }
                     Event::Error { rel, error } => {
                         walk_errors += 1;
-                        walk_problems.push(format!("{}: {error}", rel.display()));
+                        walk_problems.push(Unscanned {
+                            path: rel.to_string_lossy().into_owned(),
+                            reason: error.to_string(),
+                        });
                     }
                     Event::MountPoint { .. } => {}
                 }
@@ -257,6 +274,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     drop_package_files(root, &mut findings);
     let mut problems = walk_problems;
     problems.extend(shared.problems);
+    problems.sort();
     let mut report = ScanReport {
         findings,
         accepted: Vec::new(),
@@ -269,11 +287,13 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
             errors: walk_errors + counters.errors.load(Ordering::Relaxed),
             elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         },
-        problems,
+        unscanned: problems,
+        accepted_unscanned: Vec::new(),
     };
     if let Some(b) = &opts.baseline {
         apply_baseline(&mut report, b);
     }
+    report.accept_unscanned(&opts.accept_unscanned);
     Ok(report)
 }
 
@@ -312,7 +332,10 @@ fn worker(
             // is listed as not (fully) scanned.
             counters.errors.fetch_add(1, Ordering::Relaxed);
             let mut s = lock(shared);
-            s.problems.push(format!("{}: {e}", &job.rel[1..]));
+            s.problems.push(Unscanned {
+                path: job.rel[1..].to_owned(),
+                reason: e.to_string(),
+            });
             if !scanned.hits.is_empty() {
                 s.hits
                     .insert(job.path, (job.rel[1..].to_owned(), scanned.hits));

@@ -59,21 +59,29 @@ impl Step for Scan {
                         report.findings.len()
                     ));
                 }
-                // A scan that could not read everything cannot call the host clean.
-                if report.stats.errors > 0 {
+                // A scan that could not read everything cannot call the host
+                // clean, unless the policy accepts those paths.
+                if !report.unscanned.is_empty() {
                     out.errors.push(format!(
-                        "{} path(s) could not be scanned",
-                        report.stats.errors
+                        "{} path(s) could not be scanned (listed under `unscanned`; \
+                         scan.accept_unscanned accepts a path)",
+                        report.unscanned.len()
                     ));
                 }
-                for p in report.problems.iter().take(20) {
-                    out.warnings.push(p.clone());
+                for u in report.unscanned.iter().take(20) {
+                    out.warnings
+                        .push(format!("not scanned: {}: {}", u.path, u.reason));
                 }
                 for (key, value) in [
                     ("findings", serde_json::to_value(&report.findings)),
                     ("accepted", serde_json::to_value(&report.accepted)),
                     ("expected_keys", serde_json::to_value(&expected)),
                     ("stats", serde_json::to_value(&report.stats)),
+                    ("unscanned", serde_json::to_value(&report.unscanned)),
+                    (
+                        "accepted_unscanned",
+                        serde_json::to_value(&report.accepted_unscanned),
+                    ),
                 ] {
                     if let Ok(v) = value {
                         out.details.insert(key.into(), v);
@@ -99,6 +107,7 @@ pub fn policy_scan(
     let opts = ScanOptions {
         max_file_size: policy.scan.max_file_size,
         baseline,
+        accept_unscanned: policy.scan.accept_unscanned.clone(),
         ..ScanOptions::default()
     };
     let mut report = scan_root(root, &opts)?;
