@@ -665,3 +665,65 @@ fn scan_lists_unreadable_paths_in_every_format_and_fails_unless_accepted() {
     assert_eq!(v["unscanned"].as_array().map(Vec::len), Some(0));
     assert_eq!(v["accepted_unscanned"][0]["path"], "var/lib/app/secret.db");
 }
+
+/// Issue 14: a name that is not UTF-8 is reported in a form that leads back
+/// to the file (JSON `path_bytes`), and text output never prints a name's
+/// control characters raw.
+#[test]
+fn scan_reports_non_utf8_and_control_character_names_exactly_and_safely() {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("srv")).expect("mkdir");
+    let names: [&[u8]; 2] = [b"srv/caf\xe9-\xff.env", b"srv/evil\n\x1b[2Jname.env"];
+    for n in names {
+        std::fs::write(
+            root.join(OsStr::from_bytes(n)),
+            "DB_PASSWORD=Kq2ZtW9xLm4VbN8c\n",
+        )
+        .expect("write");
+    }
+    let (code, v, _) = scan_json(&root, &[]);
+    assert_eq!(code, 1);
+    let f = findings(&v, "findings");
+    assert_eq!(f.len(), 2, "{v}");
+    let mut found: Vec<Vec<u8>> = Vec::new();
+    for x in &f {
+        let escaped = x["path_bytes"]
+            .as_str()
+            .expect("path_bytes for these names");
+        let raw = amiprep_agent::scan::report::unescape_path(escaped).expect("unescapes");
+        // It names the real file: reading it through the exact path works.
+        assert!(root.join(OsStr::from_bytes(&raw)).is_file(), "{escaped}");
+        assert!(x["path"].as_str().is_some_and(|p| !p.is_empty()));
+        found.push(raw);
+    }
+    found.sort();
+    let mut want: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
+    want.sort();
+    assert_eq!(found, want);
+    // A plain name gets no second field.
+    std::fs::write(root.join("srv/plain.env"), "DB_PASSWORD=Kq2ZtW9xLm4VbN8d\n").expect("write");
+    let (_, v, _) = scan_json(&root, &[]);
+    let plain: Vec<Value> = findings(&v, "findings")
+        .into_iter()
+        .filter(|x| x["path"] == "srv/plain.env")
+        .collect();
+    assert_eq!(plain.len(), 1);
+    assert!(plain[0].get("path_bytes").is_none());
+
+    let out = run(&["scan", "--root", root.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !out.stdout.contains(&0x1b),
+        "raw escape character in text output"
+    );
+    let text = String::from_utf8(out.stdout).expect("text output is UTF-8");
+    assert!(
+        text.contains("srv/evil\\x0a\\x1b[2Jname.env:1:13: "),
+        "{text}"
+    );
+    assert!(text.contains("srv/caf\\xe9-\\xff.env:1:13: "), "{text}");
+    // One line per finding plus the summary: no name split a line.
+    assert_eq!(text.lines().count(), 4, "{text}");
+}

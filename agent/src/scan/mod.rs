@@ -137,7 +137,11 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
         report::apply_baseline(&mut report, b);
     }
     for u in &report.unscanned {
-        eprintln!("amiprep-agent: scan: not scanned: {}: {}", u.path, u.reason);
+        eprintln!(
+            "amiprep-agent: scan: not scanned: {}: {}",
+            u.shown_path(),
+            u.reason
+        );
     }
     let rules = rules::builtin();
     let mut out = std::io::stdout().lock();
@@ -190,11 +194,22 @@ fn scan_path(p: &Path, base: &ScanOptions) -> anyhow::Result<ScanReport> {
     };
     let root = walker::Root::open(&dir).with_context(|| format!("opening {}", dir.display()))?;
     let mut r = scan_root(&root, &opts)?;
+    // Joined as bytes: names need not be UTF-8.
+    let under = |raw: &[u8]| -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt as _;
+        prefix
+            .join(std::ffi::OsStr::from_bytes(raw))
+            .as_os_str()
+            .as_bytes()
+            .to_vec()
+    };
     for f in &mut r.findings {
-        f.path = prefix.join(&f.path).to_string_lossy().into_owned();
+        let raw = under(&f.raw_path());
+        f.set_path(&raw);
     }
     for u in &mut r.unscanned {
-        u.path = prefix.join(&u.path).to_string_lossy().into_owned();
+        let raw = under(&u.raw_path());
+        u.set_path(&raw);
     }
     Ok(r)
 }

@@ -12,8 +12,14 @@ use super::rules::{Rule, Severity};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Finding {
     pub rule: String,
-    /// Path beneath the scanned root (no leading `/`).
+    /// Path beneath the scanned root (no leading `/`), for display: bytes
+    /// that are not UTF-8 show as U+FFFD.
     pub path: String,
+    /// The path's exact bytes as an escaped string (see [`escape_path`]),
+    /// present when `path` does not already say them exactly (a name that
+    /// is not UTF-8, or holds control characters or `\`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     pub line: u64,
     pub column: u64,
     /// Hex SHA-256 over the rule id and the secret.
@@ -60,9 +66,120 @@ pub struct ScanReport {
 /// A path the scan could not read to its end, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Unscanned {
-    /// Path beneath the scanned root (no leading `/`).
+    /// Path beneath the scanned root (no leading `/`), for display.
     pub path: String,
+    /// Exact bytes, escaped, as in [`Finding::path_bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     pub reason: String,
+}
+
+impl Finding {
+    /// The path's exact bytes.
+    pub fn raw_path(&self) -> Vec<u8> {
+        raw_path(&self.path, self.path_bytes.as_deref())
+    }
+
+    /// Sets `path` and `path_bytes` from a path's exact bytes.
+    pub fn set_path(&mut self, raw: &[u8]) {
+        (self.path, self.path_bytes) = path_fields(raw);
+    }
+
+    /// The path as text output shows it (control characters escaped).
+    pub fn shown_path(&self) -> &str {
+        self.path_bytes.as_deref().unwrap_or(&self.path)
+    }
+}
+
+impl Unscanned {
+    pub fn new(raw: &[u8], reason: String) -> Unscanned {
+        let (path, path_bytes) = path_fields(raw);
+        Unscanned {
+            path,
+            path_bytes,
+            reason,
+        }
+    }
+
+    pub fn raw_path(&self) -> Vec<u8> {
+        raw_path(&self.path, self.path_bytes.as_deref())
+    }
+
+    pub fn set_path(&mut self, raw: &[u8]) {
+        (self.path, self.path_bytes) = path_fields(raw);
+    }
+
+    pub fn shown_path(&self) -> &str {
+        self.path_bytes.as_deref().unwrap_or(&self.path)
+    }
+}
+
+/// A path's exact bytes as text that says them exactly: UTF-8 characters
+/// as themselves, except control characters (C0, DEL, C1), whose bytes are
+/// written `\xNN`, and `\`, written `\\`; bytes that are not UTF-8 are
+/// `\xNN`. [`unescape_path`] reverses it.
+pub fn escape_path(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let hex = |out: &mut String, bytes: &[u8]| {
+        for b in bytes {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    };
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else if c.is_control() {
+                let mut b = [0u8; 4];
+                hex(&mut out, c.encode_utf8(&mut b).as_bytes());
+            } else {
+                out.push(c);
+            }
+        }
+        hex(&mut out, chunk.invalid());
+    }
+    out
+}
+
+/// The bytes an [`escape_path`] string stands for; `None` if it is not one.
+pub fn unescape_path(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b != b'\\' {
+            out.push(b);
+            rest = tail;
+            continue;
+        }
+        match tail {
+            [b'\\', t @ ..] => {
+                out.push(b'\\');
+                rest = t;
+            }
+            [b'x', h, l, t @ ..] => {
+                let digits = [*h, *l];
+                let text = std::str::from_utf8(&digits).ok()?;
+                out.push(u8::from_str_radix(text, 16).ok()?);
+                rest = t;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// `path` (lossy, for display) and `path_bytes` (exact, when `path` is not).
+pub fn path_fields(raw: &[u8]) -> (String, Option<String>) {
+    let shown = String::from_utf8_lossy(raw).into_owned();
+    let exact = escape_path(raw);
+    let bytes = (exact != shown).then_some(exact);
+    (shown, bytes)
+}
+
+fn raw_path(path: &str, path_bytes: Option<&str>) -> Vec<u8> {
+    path_bytes
+        .and_then(unescape_path)
+        .unwrap_or_else(|| path.as_bytes().to_vec())
 }
 
 impl ScanReport {
@@ -196,14 +313,25 @@ pub fn write_text(out: &mut impl io::Write, report: &ScanReport, rules: &[Rule])
         writeln!(
             out,
             "{}:{}:{}: {} [{}] {} (fingerprint {})",
-            f.path, f.line, f.column, f.rule, sev, f.preview, f.fingerprint
+            f.shown_path(),
+            f.line,
+            f.column,
+            f.rule,
+            sev,
+            f.preview,
+            f.fingerprint
         )?;
     }
     for u in &report.unscanned {
-        writeln!(out, "{}: not scanned: {}", u.path, u.reason)?;
+        writeln!(out, "{}: not scanned: {}", u.shown_path(), u.reason)?;
     }
     for u in &report.accepted_unscanned {
-        writeln!(out, "{}: not scanned (accepted): {}", u.path, u.reason)?;
+        writeln!(
+            out,
+            "{}: not scanned (accepted): {}",
+            u.shown_path(),
+            u.reason
+        )?;
     }
     let s = &report.stats;
     writeln!(
@@ -265,7 +393,7 @@ pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
                 "message": { "text": format!("{} found (preview {}, fingerprint {})", f.rule, f.preview, f.fingerprint) },
                 "locations": [{
                     "physicalLocation": {
-                        "artifactLocation": { "uri": uri_escape(&f.path), "uriBaseId": "ROOT" },
+                        "artifactLocation": { "uri": uri_escape(&f.raw_path()), "uriBaseId": "ROOT" },
                         "region": { "startLine": f.line, "startColumn": f.column },
                     }
                 }],
@@ -282,7 +410,7 @@ pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
             "message": { "text": text },
             "locations": [{
                 "physicalLocation": {
-                    "artifactLocation": { "uri": uri_escape(&u.path), "uriBaseId": "ROOT" },
+                    "artifactLocation": { "uri": uri_escape(&u.raw_path()), "uriBaseId": "ROOT" },
                 }
             }],
         })
@@ -322,11 +450,14 @@ pub fn to_sarif(report: &ScanReport, rules: &[Rule]) -> String {
     serde_json::to_string_pretty(&doc).expect("SARIF serialises") + "\n"
 }
 
-/// Percent-encode what may not appear raw in a relative URI reference.
-fn uri_escape(path: &str) -> String {
+/// Percent-encode what may not appear raw in a relative URI reference
+/// (every byte of a name that is not UTF-8 included, so the URI names the
+/// exact file).
+fn uri_escape(path: &[u8]) -> String {
     let mut out = String::with_capacity(path.len());
     // Relative to the ROOT base (`file:///`) even for absolute PATH scans.
-    for b in path.trim_start_matches('/').bytes() {
+    let start = path.iter().position(|b| *b != b'/').unwrap_or(path.len());
+    for &b in &path[start..] {
         if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
             out.push(b as char);
         } else {
@@ -344,6 +475,7 @@ mod tests {
         Finding {
             rule: "generic-secret".into(),
             path: path.into(),
+            path_bytes: None,
             line: 3,
             column: 7,
             fingerprint: "ab".repeat(32),
@@ -403,10 +535,7 @@ mod tests {
     }
 
     fn unscanned(path: &str) -> Unscanned {
-        Unscanned {
-            path: path.into(),
-            reason: "Permission denied (os error 13)".into(),
-        }
+        Unscanned::new(path.as_bytes(), "Permission denied (os error 13)".into())
     }
 
     #[test]
@@ -474,7 +603,70 @@ mod tests {
     }
 
     #[test]
+    fn escaped_paths_round_trip_and_say_every_byte() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"etc/app.env", "etc/app.env"),
+            (b"home/caf\xc3\xa9/.env", "home/caf\u{e9}/.env"),
+            (b"home/caf\xe9/.env", "home/caf\\xe9/.env"),
+            (b"tmp/a\nb\x1b[31m", "tmp/a\\x0ab\\x1b[31m"),
+            (b"tmp/back\\slash\\x41", "tmp/back\\\\slash\\\\x41"),
+            (b"tmp/c1\xc2\x85", "tmp/c1\\xc2\\x85"),
+            (b"tmp/\xff\xfe\x00", "tmp/\\xff\\xfe\\x00"),
+        ];
+        for (raw, escaped) in cases {
+            assert_eq!(escape_path(raw), *escaped);
+            assert_eq!(unescape_path(escaped).as_deref(), Some(*raw));
+            assert!(!escape_path(raw).chars().any(char::is_control));
+        }
+        // Every byte string round-trips.
+        let mut x = 0x9e37_79b9_u32;
+        for _ in 0..2000 {
+            let raw: Vec<u8> = (0..(x % 24))
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x >> 24) as u8
+                })
+                .collect();
+            assert_eq!(unescape_path(&escape_path(&raw)), Some(raw));
+        }
+        for bad in ["a\\", "a\\x4", "a\\xzz", "a\\n"] {
+            assert_eq!(unescape_path(bad), None, "{bad}");
+        }
+        // A plain UTF-8 name needs no second field.
+        assert_eq!(
+            path_fields(b"etc/caf\xc3\xa9"),
+            ("etc/caf\u{e9}".into(), None)
+        );
+        let (shown, exact) = path_fields(b"etc/caf\xe9");
+        assert_eq!(shown, "etc/caf\u{fffd}");
+        assert_eq!(exact.as_deref(), Some("etc/caf\\xe9"));
+    }
+
+    #[test]
+    fn text_output_escapes_control_characters_in_names() {
+        let mut f = finding("x");
+        f.set_path(b"tmp/evil\n/etc/shadow:1:1: fake\x1b[2J");
+        let r = ScanReport {
+            findings: vec![f],
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_text(&mut out, &r, &[]).expect("text");
+        let text = String::from_utf8(out).expect("utf-8");
+        let first = text.lines().next().expect("a line");
+        assert!(
+            first.starts_with("tmp/evil\\x0a/etc/shadow:1:1: fake\\x1b[2J:3:7: "),
+            "{first}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
     fn uri_escaping() {
-        assert_eq!(uri_escape("etc/my file#1"), "etc/my%20file%231");
+        assert_eq!(uri_escape(b"etc/my file#1"), "etc/my%20file%231");
+        assert_eq!(uri_escape(b"/etc/caf\xe9"), "etc/caf%E9");
     }
 }

@@ -12,6 +12,7 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{self, Read},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -99,6 +100,8 @@ impl Default for ScanOptions {
 /// A file handed to a worker.
 struct Job {
     path: usize,
+    /// The path beneath the root, exact bytes.
+    raw: Vec<u8>,
     /// `/` + the path beneath the root, for path-restricted rules.
     rel: String,
     file: File,
@@ -110,10 +113,11 @@ struct Shared {
     /// Content hash (SHA-256, first 128 bits) -> the file whose scan
     /// stands for it.
     contents: HashMap<[u8; 16], usize>,
-    /// File id -> its path and the hits in its content (files with hits only).
-    hits: HashMap<usize, (String, Vec<Hit>)>,
+    /// File id -> its path (exact bytes) and the hits in its content
+    /// (files with hits only).
+    hits: HashMap<usize, (Vec<u8>, Vec<Hit>)>,
     /// (file id, path, id of the file whose content it repeats).
-    aliases: Vec<(usize, String, usize)>,
+    aliases: Vec<(usize, Vec<u8>, usize)>,
     problems: Vec<Unscanned>,
 }
 
@@ -147,7 +151,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let mut walk_errors = 0u64;
     let mut walk_problems: Vec<Unscanned> = Vec::new();
     let mut links: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut link_aliases: Vec<(String, usize)> = Vec::new();
+    let mut link_aliases: Vec<(Vec<u8>, usize)> = Vec::new();
 
     let (tx, rx) = mpsc::sync_channel::<Job>(threads * 4);
     let rx = Arc::new(Mutex::new(rx));
@@ -176,19 +180,16 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                         files += 1;
                         if e.meta.size > max {
                             counters.large.fetch_add(1, Ordering::Relaxed);
-                            walk_problems.push(Unscanned {
-                                path: e.rel.to_string_lossy().into_owned(),
-                                reason: format!(
-                                    "{} bytes, over the size cap of {max} bytes",
-                                    e.meta.size
-                                ),
-                            });
+                            walk_problems.push(Unscanned::new(
+                                e.rel.as_os_str().as_bytes(),
+                                format!("{} bytes, over the size cap of {max} bytes", e.meta.size),
+                            ));
                             return Control::Continue;
                         }
                         if e.meta.nlink > 1 {
                             let key = (e.meta.dev, e.meta.ino);
                             if let Some(&first) = links.get(&key) {
-                                link_aliases.push((e.rel.to_string_lossy().into_owned(), first));
+                                link_aliases.push((e.rel.as_os_str().as_bytes().to_vec(), first));
                                 return Control::Continue;
                             }
                             links.insert(key, idx);
@@ -197,6 +198,7 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                             Ok(file) => {
                                 let job = Job {
                                     path: idx,
+                                    raw: e.rel.as_os_str().as_bytes().to_vec(),
                                     rel: format!("/{}", e.rel.to_string_lossy()),
                                     file,
                                     size: e.meta.size,
@@ -207,19 +209,19 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
                             }
                             Err(err) => {
                                 walk_errors += 1;
-                                walk_problems.push(Unscanned {
-                                    path: e.rel.to_string_lossy().into_owned(),
-                                    reason: err.to_string(),
-                                });
+                                walk_problems.push(Unscanned::new(
+                                    e.rel.as_os_str().as_bytes(),
+                                    err.to_string(),
+                                ));
                             }
                         }
                     }
                     Event::Error { rel, error } => {
                         walk_errors += 1;
-                        walk_problems.push(Unscanned {
-                            path: rel.to_string_lossy().into_owned(),
-                            reason: error.to_string(),
-                        });
+                        walk_problems.push(Unscanned::new(
+                            rel.as_os_str().as_bytes(),
+                            error.to_string(),
+                        ));
                     }
                     Event::MountPoint { .. } => {}
                 }
@@ -241,11 +243,13 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let shared = shared.into_inner().unwrap_or_else(|p| p.into_inner());
     let rules = engine.rules();
     let mut findings = Vec::new();
-    let mut emit = |path: &str, hits: &[Hit]| {
+    let mut emit = |raw: &[u8], hits: &[Hit]| {
         for h in hits {
+            let (path, path_bytes) = super::report::path_fields(raw);
             findings.push(Finding {
                 rule: rules[h.rule].id().to_owned(),
-                path: path.to_owned(),
+                path,
+                path_bytes,
                 line: h.line,
                 column: h.column,
                 fingerprint: h.fingerprint.clone(),
@@ -332,20 +336,16 @@ fn worker(
             // is listed as not (fully) scanned.
             counters.errors.fetch_add(1, Ordering::Relaxed);
             let mut s = lock(shared);
-            s.problems.push(Unscanned {
-                path: job.rel[1..].to_owned(),
-                reason: e.to_string(),
-            });
+            s.problems.push(Unscanned::new(&job.raw, e.to_string()));
             if !scanned.hits.is_empty() {
-                s.hits
-                    .insert(job.path, (job.rel[1..].to_owned(), scanned.hits));
+                s.hits.insert(job.path, (job.raw, scanned.hits));
             }
             continue;
         }
         {
             let mut s = lock(shared);
             if let Some(&first) = s.contents.get(&scanned.digest) {
-                s.aliases.push((job.path, job.rel[1..].to_owned(), first));
+                s.aliases.push((job.path, job.raw, first));
                 continue;
             }
             s.contents.insert(scanned.digest, job.path);
@@ -357,9 +357,7 @@ fn worker(
             counters.binary.fetch_add(1, Ordering::Relaxed);
         }
         if !scanned.hits.is_empty() {
-            lock(shared)
-                .hits
-                .insert(job.path, (job.rel[1..].to_owned(), scanned.hits));
+            lock(shared).hits.insert(job.path, (job.raw, scanned.hits));
         }
     }
 }
