@@ -220,17 +220,23 @@ fn scan_never_prints_a_secret_in_any_format() {
     let fx = fixture::generate(dir.path());
     let root = dir.path().to_str().expect("utf-8");
     let base = dir.path().join("baseline.json");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = key_file(keys.path(), "k", 5);
     let mut outputs = Vec::new();
     for format in ["text", "json", "sarif"] {
-        let out = run(&[
-            "scan",
-            "--root",
-            root,
-            "--format",
-            format,
-            "--write-baseline",
-            base.to_str().expect("utf-8"),
-        ]);
+        let out = agent()
+            .env("AMIPREP_FINGERPRINT_KEY_FILE", &key)
+            .args([
+                "scan",
+                "--root",
+                root,
+                "--format",
+                format,
+                "--write-baseline",
+                base.to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("run amiprep-agent");
         assert_eq!(out.status.code(), Some(1));
         outputs.push((format.to_owned(), out.stdout));
         outputs.push((format!("{format} stderr"), out.stderr));
@@ -251,6 +257,14 @@ fn scan_never_prints_a_secret_in_any_format() {
             }
         }
     }
+}
+
+/// A fingerprint key file (hex of 32 bytes of `fill`), as `amiprep certs
+/// init` writes one.
+fn key_file(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{}\n", hex::encode([fill; 32]))).expect("write key");
+    p
 }
 
 fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -274,10 +288,12 @@ fn scan_exit_codes_and_baseline() {
     .expect("write");
     let base = dir.path().join("baseline.json");
     let b = base.to_str().expect("utf-8");
-    let (code, v, _) = scan_json(&root, &["--write-baseline", b]);
+    let key = key_file(dir.path(), "fingerprint.key", 1);
+    let k = key.to_str().expect("utf-8");
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--write-baseline", b]);
     assert_eq!(code, 1);
     assert_eq!(findings(&v, "findings").len(), 1);
-    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--baseline", b]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(findings(&v, "findings").len(), 0);
     assert_eq!(findings(&v, "accepted").len(), 1);
@@ -289,7 +305,7 @@ fn scan_exit_codes_and_baseline() {
         "api_key = Kq2ZtW9xLm4VbN8cYp3J\n",
     )
     .expect("write");
-    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--baseline", b]);
     assert_eq!(code, 1);
     assert_eq!(findings(&v, "findings")[0]["path"], "etc/other.conf");
 
@@ -726,4 +742,139 @@ fn scan_reports_non_utf8_and_control_character_names_exactly_and_safely() {
     assert!(text.contains("srv/caf\\xe9-\\xff.env:1:13: "), "{text}");
     // One line per finding plus the summary: no name split a line.
     assert_eq!(text.lines().count(), 4, "{text}");
+}
+
+/// Issue 14: fingerprints are HMACs under the deployment's key. The same
+/// key gives the same fingerprint and its baselines apply; another key's
+/// baseline is refused (exit 3); without a key each run's fingerprints
+/// differ, and the report says so.
+#[test]
+fn fingerprints_are_keyed_and_baselines_are_bound_to_their_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::write(
+        root.join("etc/app.conf"),
+        "client_secret = Vd4KyZk3Qp9Vt7Lw2Xr5\n",
+    )
+    .expect("write");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (k1, k2) = (
+        key_file(keys.path(), "one", 1),
+        key_file(keys.path(), "two", 2),
+    );
+    let (k1, k2) = (k1.to_str().expect("utf-8"), k2.to_str().expect("utf-8"));
+    let fp = |v: &Value| {
+        findings(v, "findings")[0]["fingerprint"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+
+    let (_, a, err_a) = scan_json(&root, &["--fingerprint-key-file", k1]);
+    let (_, a2, _) = scan_json(&root, &["--fingerprint-key-file", k1]);
+    let (_, b, _) = scan_json(&root, &["--fingerprint-key-file", k2]);
+    assert_eq!(fp(&a), fp(&a2), "same key, same fingerprint");
+    assert_ne!(fp(&a), fp(&b), "another key, another fingerprint");
+    assert_eq!(fp(&a).len(), 64);
+    assert!(a.get("fingerprint_note").is_none() && !err_a.contains("not comparable"));
+    let id = a["fingerprint_key_id"].as_str().expect("key id").to_owned();
+    assert_eq!(id.len(), 16);
+    assert_ne!(b["fingerprint_key_id"].as_str(), Some(id.as_str()));
+    // The key id is the first 8 bytes of the key's SHA-256.
+    use sha2::Digest as _;
+    assert_eq!(id, hex::encode(&sha2::Sha256::digest([1u8; 32])[..8]));
+
+    // A baseline records its key and applies under the same key only.
+    let base = dir.path().join("baseline.json");
+    let bpath = base.to_str().expect("utf-8");
+    let (code, _, _) = scan_json(
+        &root,
+        &["--fingerprint-key-file", k1, "--write-baseline", bpath],
+    );
+    assert_eq!(code, 1);
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(&base).expect("baseline")).expect("json");
+    assert_eq!(written["version"], 2);
+    assert_eq!(written["key_id"], id.as_str());
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k1, "--baseline", bpath]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(findings(&v, "accepted").len(), 1);
+    // The key from the environment is the same key.
+    let out = agent()
+        .env("AMIPREP_FINGERPRINT_KEY_FILE", k1)
+        .args([
+            "scan",
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--baseline",
+            bpath,
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Another key: refused, with exit 3 and a message naming both keys.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--fingerprint-key-file",
+        k2,
+        "--baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&id) && err.contains("cannot match"), "{err}");
+    assert!(out.stdout.is_empty());
+    // No key at all: refused too.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fingerprint-key-file"));
+
+    // No key: a random one per run, said on stderr and in the report.
+    let (code, n1, err) = scan_json(&root, &[]);
+    let (_, n2, _) = scan_json(&root, &[]);
+    assert_eq!(code, 1);
+    assert_ne!(fp(&n1), fp(&n2), "random per-run keys");
+    assert_ne!(fp(&n1), fp(&a));
+    assert!(err.contains("not comparable across runs"), "{err}");
+    assert!(
+        n1["fingerprint_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("not comparable"))
+    );
+    // ... and a baseline cannot be written under it.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--write-baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--write-baseline needs"));
+    // A bad key file is an error, not a silent fallback.
+    std::fs::write(keys.path().join("short"), "abcd\n").expect("write");
+    let short = keys.path().join("short");
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--fingerprint-key-file",
+        short.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -6,11 +6,14 @@
 //! - [`engine`]: matching one buffer (keyword prefilter, regexes, filters).
 //! - [`run`]: walking a root with the shared safe walker, on every core.
 //! - [`report`]: findings, baselines, text / JSON / SARIF output.
+//! - [`key`]: the key fingerprints are made under.
 //!
 //! A secret value never leaves [`engine`]: findings carry a fingerprint
-//! (SHA-256 over rule id and secret) and a masked preview.
+//! (HMAC-SHA256 under the deployment's key over rule id and secret) and a
+//! masked preview.
 
 pub mod engine;
+pub mod key;
 pub mod report;
 pub mod rules;
 pub mod run;
@@ -22,7 +25,10 @@ use std::{
     process::ExitCode,
 };
 
-pub use report::{Baseline, BaselineEntry, Finding, ScanReport, ScanStats, Unscanned};
+pub use key::FingerprintKey;
+pub use report::{
+    Baseline, BaselineEntry, BaselineKeyMismatch, Finding, ScanReport, ScanStats, Unscanned,
+};
 pub use run::{DEFAULT_WINDOW, HOST_SKIP, MIN_WINDOW, ScanOptions, WINDOW_OVERLAP, scan_root};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,6 +52,11 @@ pub struct ScanArgs {
     /// Accepted findings (JSON, as written by --write-baseline).
     #[arg(long, value_name = "FILE")]
     pub baseline: Option<PathBuf>,
+    /// The deployment's fingerprint key (hex, as `amiprep certs init`
+    /// writes it). Without one, fingerprints use a random key for this run
+    /// and cannot be compared with another run's or a baseline's.
+    #[arg(long, value_name = "FILE", env = key::KEY_FILE_ENV)]
+    pub fingerprint_key_file: Option<PathBuf>,
     /// Write every current finding to FILE as an accepted baseline.
     #[arg(long, value_name = "FILE")]
     pub write_baseline: Option<PathBuf>,
@@ -77,23 +88,45 @@ pub enum RulesCommand {
     Check,
 }
 
+/// Exit status when the baseline was made under another fingerprint key.
+pub const EXIT_BASELINE_KEY: u8 = 3;
+
 /// Exit codes: 0 clean, 1 findings beyond the baseline, 2 error (including
 /// paths that could not be scanned and are not accepted: a scan that could
-/// not see everything does not call a host clean).
+/// not see everything does not call a host clean), 3 a baseline made under
+/// another fingerprint key.
 pub fn main(args: ScanArgs) -> ExitCode {
     match run_cli(&args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("amiprep-agent: scan: {e:#}");
-            ExitCode::from(2)
+            if e.downcast_ref::<BaselineKeyMismatch>().is_some() {
+                ExitCode::from(EXIT_BASELINE_KEY)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
 
 fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
     use anyhow::Context as _;
+    let key = FingerprintKey::from_file_or_random(args.fingerprint_key_file.as_deref())?;
+    if key.is_ephemeral() {
+        eprintln!("amiprep-agent: scan: note: {}", key::EPHEMERAL_NOTE);
+        anyhow::ensure!(
+            args.write_baseline.is_none(),
+            "--write-baseline needs the deployment's fingerprint key (--fingerprint-key-file or {}): \
+             a baseline under a random key would match nothing",
+            key::KEY_FILE_ENV
+        );
+    }
     let baseline = args.baseline.as_deref().map(Baseline::load).transpose()?;
+    if let Some(b) = &baseline {
+        b.check_key(&key)?;
+    }
     let base = ScanOptions {
+        fingerprint_key: Some(key.clone()),
         window: args.window,
         max_file_size: args.max_file_size,
         cross_mounts: args.cross_mounts,
@@ -107,7 +140,11 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
             walker::Root::open(&dir).with_context(|| format!("opening root {}", dir.display()))?;
         scan_root(&root, &base)?
     } else {
-        let mut total = ScanReport::default();
+        let mut total = ScanReport {
+            fingerprint_key_id: key.id().to_owned(),
+            fingerprint_note: key.is_ephemeral().then(|| key::EPHEMERAL_NOTE.to_owned()),
+            ..ScanReport::default()
+        };
         for p in &args.paths {
             let r = scan_path(p, &base)?;
             total.findings.extend(r.findings);
@@ -130,7 +167,7 @@ fn run_cli(args: &ScanArgs) -> anyhow::Result<u8> {
     if let Some(out) = &args.write_baseline {
         let mut all = report.findings.clone();
         all.extend(report.accepted.iter().cloned());
-        std::fs::write(out, Baseline::from_findings(&all).to_json())
+        std::fs::write(out, Baseline::from_findings(&all, key.id()).to_json())
             .with_context(|| format!("writing baseline {}", out.display()))?;
     }
     if let Some(b) = &baseline {

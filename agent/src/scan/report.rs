@@ -22,7 +22,8 @@ pub struct Finding {
     pub path_bytes: Option<String>,
     pub line: u64,
     pub column: u64,
-    /// Hex SHA-256 over the rule id and the secret.
+    /// Hex HMAC-SHA256, under the report's fingerprint key, over the rule
+    /// id and the secret.
     pub fingerprint: String,
     /// A few leading characters of the secret, then `…`.
     pub preview: String,
@@ -61,6 +62,13 @@ pub struct ScanReport {
     pub unscanned: Vec<Unscanned>,
     /// Unscanned paths the policy accepts by path: listed, not blocking.
     pub accepted_unscanned: Vec<Unscanned>,
+    /// Id of the key the fingerprints were made under (first 8 bytes of
+    /// its SHA-256, hex).
+    pub fingerprint_key_id: String,
+    /// Set when that key is a random one for this run: fingerprints are
+    /// then not comparable with any other run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint_note: Option<String>,
 }
 
 /// A path the scan could not read to its end, and why.
@@ -229,11 +237,56 @@ impl ScanReport {
     }
 }
 
-/// Accepted findings, matched by fingerprint, rule and path.
+/// Accepted findings, matched by fingerprint, rule and path, under the
+/// fingerprint key the baseline names.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Baseline {
     pub version: u32,
+    /// Id of the fingerprint key its fingerprints were made under; empty in
+    /// a version 1 baseline (unkeyed SHA-256 fingerprints).
+    #[serde(default)]
+    pub key_id: String,
     pub accepted: Vec<BaselineEntry>,
+}
+
+/// A baseline whose fingerprints were made under another key than the
+/// scan's: none of them could match, so it is refused rather than silently
+/// accepting nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.explain())]
+pub struct BaselineKeyMismatch {
+    /// The baseline's key id (empty: a version 1, unkeyed baseline).
+    pub baseline: String,
+    pub scan: String,
+    /// The scan's key is a random one for this run.
+    pub ephemeral: bool,
+}
+
+impl BaselineKeyMismatch {
+    fn explain(&self) -> String {
+        let made = if self.baseline.is_empty() {
+            "the baseline has unkeyed fingerprints (version 1)".to_owned()
+        } else {
+            format!(
+                "the baseline was made under fingerprint key {}",
+                self.baseline
+            )
+        };
+        if self.ephemeral {
+            format!(
+                "{made}, and this run has no fingerprint key (a random one, {}): give the \
+                 deployment's key (--fingerprint-key-file or {}; the controller sends it)",
+                self.scan,
+                super::key::KEY_FILE_ENV
+            )
+        } else {
+            format!(
+                "{made}, but this scan uses key {}: its fingerprints cannot match; scan with \
+                 the key it was made under, or write a new baseline under this key",
+                self.scan
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -244,9 +297,11 @@ pub struct BaselineEntry {
 }
 
 impl Baseline {
-    pub const VERSION: u32 = 1;
+    /// Version 2: keyed fingerprints and `key_id`. Version 1 files still
+    /// load, and are refused by [`Baseline::check_key`].
+    pub const VERSION: u32 = 2;
 
-    pub fn from_findings(findings: &[Finding]) -> Baseline {
+    pub fn from_findings(findings: &[Finding], key_id: &str) -> Baseline {
         let mut accepted: Vec<BaselineEntry> = findings
             .iter()
             .map(|f| BaselineEntry {
@@ -259,8 +314,21 @@ impl Baseline {
         accepted.dedup();
         Baseline {
             version: Self::VERSION,
+            key_id: key_id.to_owned(),
             accepted,
         }
+    }
+
+    /// Refuses a baseline made under another key than `key`.
+    pub fn check_key(&self, key: &super::key::FingerprintKey) -> Result<(), BaselineKeyMismatch> {
+        if self.key_id == key.id() && !key.is_ephemeral() {
+            return Ok(());
+        }
+        Err(BaselineKeyMismatch {
+            baseline: self.key_id.clone(),
+            scan: key.id().to_owned(),
+            ephemeral: key.is_ephemeral(),
+        })
     }
 
     pub fn accepts(&self, f: &Finding) -> bool {
@@ -276,7 +344,7 @@ impl Baseline {
         let b: Baseline = serde_json::from_str(&text)
             .with_context(|| format!("parsing baseline {}", path.display()))?;
         anyhow::ensure!(
-            b.version == Self::VERSION,
+            b.version == 1 || b.version == Self::VERSION,
             "baseline {}: unsupported version {}",
             path.display(),
             b.version
@@ -489,7 +557,7 @@ mod tests {
             findings: vec![finding("etc/a"), finding("etc/b")],
             ..Default::default()
         };
-        let b = Baseline::from_findings(&r.findings[..1]);
+        let b = Baseline::from_findings(&r.findings[..1], "0123456789abcdef");
         let b: Baseline = serde_json::from_str(&b.to_json()).expect("round trip");
         apply_baseline(&mut r, &b);
         assert_eq!(r.findings, vec![finding("etc/b")]);
@@ -510,6 +578,7 @@ mod tests {
                 "accepted",
                 "accepted_unscanned",
                 "findings",
+                "fingerprint_key_id",
                 "stats",
                 "unscanned"
             ]
@@ -662,6 +731,31 @@ mod tests {
         );
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn baselines_name_their_key_and_refuse_another() {
+        use super::super::key::FingerprintKey;
+        let key = FingerprintKey::from_bytes(&[1u8; 32]).expect("key");
+        let other = FingerprintKey::from_bytes(&[2u8; 32]).expect("key");
+        let b = Baseline::from_findings(&[finding("etc/a")], key.id());
+        let b: Baseline = serde_json::from_str(&b.to_json()).expect("round trip");
+        assert_eq!(b.version, 2);
+        assert!(b.check_key(&key).is_ok());
+        let e = b.check_key(&other).expect_err("other key");
+        assert!(e.to_string().contains(key.id()) && e.to_string().contains(other.id()));
+        let e = b
+            .check_key(&FingerprintKey::random())
+            .expect_err("random key");
+        assert!(e.ephemeral && e.to_string().contains("--fingerprint-key-file"));
+        // A version 1 baseline (unkeyed SHA-256 fingerprints) loads and is refused.
+        let v1: Baseline = serde_json::from_str(r#"{"version": 1, "accepted": []}"#).expect("v1");
+        assert!(
+            v1.check_key(&key)
+                .expect_err("v1")
+                .to_string()
+                .contains("unkeyed")
+        );
     }
 
     #[test]

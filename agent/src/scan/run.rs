@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     engine::{Engine, Hit, looks_binary},
+    key::{EPHEMERAL_NOTE, FingerprintKey},
     report::{Baseline, Finding, ScanReport, ScanStats, Unscanned, apply_baseline},
     rules,
     walker::{Control, Event, Kind, Root, WalkOptions, walk},
@@ -80,6 +81,8 @@ pub struct ScanOptions {
     /// Root-relative paths (files, or directories for everything beneath)
     /// that may stay unscanned without blocking readiness.
     pub accept_unscanned: Vec<PathBuf>,
+    /// The deployment's fingerprint key; `None`: a random key for this run.
+    pub fingerprint_key: Option<FingerprintKey>,
 }
 
 impl Default for ScanOptions {
@@ -93,6 +96,7 @@ impl Default for ScanOptions {
             threads: 0,
             baseline: None,
             accept_unscanned: Vec::new(),
+            fingerprint_key: None,
         }
     }
 }
@@ -130,12 +134,23 @@ struct Counters {
     errors: AtomicU64,
 }
 
-/// Scan beneath `root`. Fails only when a start cannot be resolved; paths
+/// Scan beneath `root`. Fails only when a start cannot be resolved, or the
+/// baseline was made under another fingerprint key (an `InvalidInput` error
+/// wrapping [`super::BaselineKeyMismatch`]); paths
 /// that cannot be read (or only in part) are counted in `stats.errors` and
 /// listed in `unscanned`, as are files over an explicit size cap.
 pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
     let started = Instant::now();
-    let engine = Engine::new(rules::builtin());
+    let key = opts
+        .fingerprint_key
+        .clone()
+        .unwrap_or_else(FingerprintKey::random);
+    if let Some(b) = &opts.baseline {
+        b.check_key(&key)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    }
+    let (key_id, ephemeral) = (key.id().to_owned(), key.is_ephemeral());
+    let engine = Engine::with_key(rules::builtin(), key);
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
@@ -293,6 +308,8 @@ pub fn scan_root(root: &Root, opts: &ScanOptions) -> io::Result<ScanReport> {
         },
         unscanned: problems,
         accepted_unscanned: Vec::new(),
+        fingerprint_key_id: key_id,
+        fingerprint_note: ephemeral.then(|| EPHEMERAL_NOTE.to_owned()),
     };
     if let Some(b) = &opts.baseline {
         apply_baseline(&mut report, b);

@@ -737,3 +737,72 @@ fn an_unscannable_path_blocks_readiness_unless_the_policy_accepts_it() {
         "{s:#}"
     );
 }
+
+/// Issue 14: `prepare --fingerprint-key-file` fingerprints under that key, so
+/// a policy baseline written under it applies; under another key (or none)
+/// the scan step refuses the baseline and the host is not ready.
+#[test]
+fn prepare_applies_a_baseline_only_under_its_fingerprint_key() {
+    let f = Fixture::new();
+    f.write("etc/app.conf", b"client_secret = Vd4KyZk3Qp9Vt7Lw2Xr5\n");
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str, fill: u8| {
+        let p = keys.path().join(name);
+        fs::write(&p, hex::encode([fill; 32])).unwrap();
+        p
+    };
+    let (k1, k2) = (key("one", 1), key("two", 2));
+    let base = keys.path().join("baseline.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amiprep-agent"))
+        .args(["scan", "--root"])
+        .arg(f.path(""))
+        .arg("--fingerprint-key-file")
+        .arg(&k1)
+        .arg("--write-baseline")
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let policy = f.write(
+        "policy.toml",
+        format!("[scan]\nbaseline = \"{}\"\n", base.display()).as_bytes(),
+    );
+    let policy = policy.to_str().unwrap();
+    let with = |k: &Path| {
+        f.agent_json(&[
+            "--only",
+            "scan",
+            "--policy",
+            policy,
+            "--fingerprint-key-file",
+            k.to_str().unwrap(),
+        ])
+    };
+    let (code, r) = with(&k1);
+    assert_eq!(code, 0, "{r:#}");
+    let s = step(&r, "scan");
+    assert_eq!(
+        s["details"]["accepted"].as_array().unwrap().len(),
+        1,
+        "{s:#}"
+    );
+    let (code, r) = with(&k2);
+    assert_eq!(code, 1, "{r:#}");
+    assert!(
+        step(&r, "scan")["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot match"),
+        "{r:#}"
+    );
+    let (code, r) = f.agent_json(&["--only", "scan", "--policy", policy]);
+    assert_eq!(code, 1, "{r:#}");
+    let s = step(&r, "scan");
+    assert!(
+        s["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("no fingerprint key"),
+        "{s:#}"
+    );
+}
