@@ -31,13 +31,22 @@ pub struct ScanPolicy {
     /// written by `amiprep-agent scan --write-baseline`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<PathBuf>,
-    /// Files larger than this are counted, not read.
-    pub max_file_size: u64,
+    /// An explicit cap: files larger than this are not read (and, being
+    /// unscanned, keep the host from being ready). None by default: every
+    /// file is scanned, large ones in bounded memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_file_size: Option<u64>,
     /// Private keys an image that carries the agent is expected to hold:
     /// the agent's own client key where the package puts it. Only
     /// private-key findings in exactly these files are set aside (and
     /// listed as expected); the same key anywhere else is a finding.
     pub expected_keys: Vec<PathBuf>,
+    /// Paths (files, or directories for everything beneath) that may stay
+    /// unscanned — unreadable, over `max_file_size`, damaged compression —
+    /// without keeping the host from being ready. They are still listed.
+    /// Anything else that cannot be scanned makes the host not ready.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accept_unscanned: Vec<PathBuf>,
 }
 
 /// Where the packaged agent keeps its client key.
@@ -47,8 +56,9 @@ impl Default for ScanPolicy {
     fn default() -> Self {
         ScanPolicy {
             baseline: None,
-            max_file_size: crate::scan::DEFAULT_MAX_FILE_SIZE,
+            max_file_size: None,
             expected_keys: vec![PathBuf::from(AGENT_KEY)],
+            accept_unscanned: Vec::new(),
         }
     }
 }

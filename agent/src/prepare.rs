@@ -41,6 +41,10 @@ pub struct PrepareArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// The deployment's fingerprint key for the scan step (hex, as `amiprep
+    /// certs init` writes it); without one, a random key for this run.
+    #[arg(long, value_name = "FILE", env = crate::scan::key::KEY_FILE_ENV)]
+    pub fingerprint_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +72,8 @@ pub struct PrepareOptions {
     pub skip: Vec<StepName>,
     /// The root is the running host's `/`.
     pub live: bool,
+    /// The scan's fingerprint key; `None`: a random one for the run.
+    pub fingerprint_key: Option<crate::scan::FingerprintKey>,
 }
 
 impl PrepareOptions {
@@ -106,6 +112,7 @@ pub fn prepare(
         root,
         policy,
         live: opts.live,
+        fingerprint_key: opts.fingerprint_key.clone(),
     };
     let mut reports = Vec::new();
     for (name, step) in steps::all_steps() {
@@ -169,6 +176,16 @@ pub fn main(args: PrepareArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let fingerprint_key = match args.fingerprint_key_file.as_deref() {
+        None => None,
+        Some(p) => match crate::scan::FingerprintKey::from_file(p) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("amiprep-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let root_path = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let root = match Root::open(&root_path) {
         Ok(r) => r,
@@ -182,6 +199,7 @@ pub fn main(args: PrepareArgs) -> ExitCode {
         only: args.only,
         skip: args.skip,
         live: is_live_root(&root_path),
+        fingerprint_key,
     };
     let show_progress = args.format == Format::Text && std::io::stderr().is_terminal();
     let mut progress = |ev: ProgressEvent| {

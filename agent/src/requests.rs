@@ -102,6 +102,7 @@ pub fn prepare(
     root_path: &Path,
     promotion_id: &str,
     policy_toml: &str,
+    fingerprint_key: Option<crate::scan::FingerprintKey>,
     progress: &mut dyn FnMut(&str, String),
 ) -> Report {
     // A repeated request (after a reconnect) finds the identity already
@@ -144,6 +145,7 @@ pub fn prepare(
         only: Vec::new(),
         skip: Vec::new(),
         live: crate::prepare::is_live_root(root_path),
+        fingerprint_key,
     };
     let report = crate::prepare::prepare(&root, &policy, &opts, &mut |ev| match ev {
         crate::steps::ProgressEvent::StepStarted { step } => progress(&step, "started".into()),

@@ -265,6 +265,7 @@ impl Agent {
                             &root,
                             &p.promotion_id,
                             &p.policy_toml,
+                            request_key(&p.fingerprint_key),
                             &mut |step, text| {
                                 // Step boundaries always; per-action lines at most 5 per second.
                                 let boundary = !text.starts_with('[');
@@ -300,7 +301,12 @@ impl Agent {
                     let id = v.promotion_id.clone();
                     let exp = v.expectations.unwrap_or_default();
                     let result = tokio::task::spawn_blocking(move || {
-                        crate::verify::verify(&root, &v.promotion_id, &exp)
+                        crate::verify::verify(
+                            &root,
+                            &v.promotion_id,
+                            &exp,
+                            request_key(&v.fingerprint_key),
+                        )
                     })
                     .await
                     .unwrap_or_else(|e| amiprep_proto::v1::VerifyResult {
@@ -317,6 +323,22 @@ impl Agent {
                 warn!(promotion = %c.promotion_id, "cancel requested; a running prepare finishes its current step set");
             }
             Some(controller_message::Msg::Welcome(_)) => {}
+        }
+    }
+}
+
+/// The fingerprint key a request carries, held in memory for that request
+/// only. None sent (or one too short): the scan uses a random key and says
+/// so in its report.
+fn request_key(bytes: &[u8]) -> Option<crate::scan::FingerprintKey> {
+    if bytes.is_empty() {
+        return None;
+    }
+    match crate::scan::FingerprintKey::from_bytes(bytes) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            warn!("the controller's {e}; using a random key for this request");
+            None
         }
     }
 }

@@ -28,7 +28,12 @@ const LISTED: usize = 5;
 
 /// Checks the host at `root` against its source and the policy it was
 /// prepared with.
-pub fn verify(root_path: &Path, promotion_id: &str, exp: &VerifyExpectations) -> VerifyResult {
+pub fn verify(
+    root_path: &Path,
+    promotion_id: &str,
+    exp: &VerifyExpectations,
+    fingerprint_key: Option<crate::scan::FingerprintKey>,
+) -> VerifyResult {
     let failed = |error: String| VerifyResult {
         promotion_id: promotion_id.to_owned(),
         ok: false,
@@ -50,7 +55,7 @@ pub fn verify(root_path: &Path, promotion_id: &str, exp: &VerifyExpectations) ->
     let live = crate::prepare::is_live_root(root_path);
     let mut checks = identity_checks(root_path, exp);
     checks.push(services_check(&root, &policy, live));
-    checks.push(scan_check(&root, &policy));
+    checks.push(scan_check(&root, &policy, fingerprint_key));
     VerifyResult {
         promotion_id: promotion_id.to_owned(),
         ok: checks.iter().all(|c| c.ok),
@@ -172,17 +177,22 @@ fn services_check(root: &Root, policy: &Policy, live: bool) -> Check {
 /// The secret scan of the booted disk finds nothing beyond the policy's
 /// baseline and the keys an instance is expected to hold (the agent's
 /// client key, its own fresh SSH host keys).
-fn scan_check(root: &Root, policy: &Policy) -> Check {
+fn scan_check(
+    root: &Root,
+    policy: &Policy,
+    fingerprint_key: Option<crate::scan::FingerprintKey>,
+) -> Check {
     const NAME: &str = "scan clean";
     if !policy.steps.selects(StepName::Scan) {
         return check(NAME, true, "scan step not selected by the policy");
     }
-    let baseline = match crate::steps::scan::policy_baseline(policy) {
+    let key = fingerprint_key.unwrap_or_else(crate::scan::FingerprintKey::random);
+    let baseline = match crate::steps::scan::policy_baseline(policy, &key) {
         Ok(b) => b,
         Err(e) => return check(NAME, false, e),
     };
     let (report, set_aside) =
-        match crate::steps::scan::policy_scan(root, policy, baseline, &HOST_PRIVATE_KEYS) {
+        match crate::steps::scan::policy_scan(root, policy, baseline, &HOST_PRIVATE_KEYS, key) {
             Ok(r) => r,
             Err(e) => return check(NAME, false, format!("scan failed: {e}")),
         };
@@ -205,10 +215,22 @@ fn scan_check(root: &Root, policy: &Policy) -> Check {
             }
         ));
     }
-    if report.stats.errors > 0 {
+    if !report.unscanned.is_empty() {
+        let listed: Vec<String> = report
+            .unscanned
+            .iter()
+            .take(LISTED)
+            .map(|u| format!("{} ({})", u.path, u.reason))
+            .collect();
         problems.push(format!(
-            "{} path(s) could not be scanned",
-            report.stats.errors
+            "{} path(s) could not be scanned: {}{}",
+            report.unscanned.len(),
+            listed.join(", "),
+            if report.unscanned.len() > LISTED {
+                ", ..."
+            } else {
+                ""
+            }
         ));
     }
     if problems.is_empty() {
@@ -270,7 +292,7 @@ mod tests {
         let source = host("0123456789abcdef0123456789abcdef", Some(KEY));
         let exp = expectations(source.path(), "");
         // A clone that kept the source's identity fails both identity checks.
-        let r = verify(source.path(), "p", &exp);
+        let r = verify(source.path(), "p", &exp, None);
         assert!(!r.ok);
         assert_eq!(
             failing(&r),
@@ -278,17 +300,17 @@ mod tests {
         );
         // A clone with a new machine id and no host keys fails on the keys.
         let clone = host("fedcba9876543210fedcba9876543210", None);
-        let r = verify(clone.path(), "p", &exp);
+        let r = verify(clone.path(), "p", &exp, None);
         assert_eq!(failing(&r), ["ssh host keys regenerated"], "{r:?}");
         // ... and passes once it has keys of its own.
         let other = KEY.replace("AAAAIHhS8", "AAAAIHhS9");
         std::fs::write(clone.path().join("etc/ssh/ssh_host_ed25519_key.pub"), other).unwrap();
-        let r = verify(clone.path(), "p", &exp);
+        let r = verify(clone.path(), "p", &exp, None);
         assert!(r.ok, "{r:?}");
         // An uninitialized machine id is not a regenerated one.
         std::fs::write(clone.path().join("etc/machine-id"), "uninitialized\n").unwrap();
         assert_eq!(
-            failing(&verify(clone.path(), "p", &exp)),
+            failing(&verify(clone.path(), "p", &exp, None)),
             ["machine-id regenerated"]
         );
     }
@@ -305,7 +327,7 @@ mod tests {
         std::fs::write(canary.path().join("etc/ssh/ssh_host_ed25519_key"), PRIVATE).unwrap();
         std::fs::create_dir_all(canary.path().join("etc/amiprep/pki")).unwrap();
         std::fs::write(canary.path().join("etc/amiprep/pki/agent.key"), PRIVATE).unwrap();
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert!(r.ok, "{r:?}");
         let scan = r.checks.iter().find(|c| c.name == "scan clean").unwrap();
         assert!(scan.detail.contains("2 expected key(s)"), "{scan:?}");
@@ -318,7 +340,7 @@ mod tests {
             format!("machine github.com login ci password {secret}\n"),
         )
         .unwrap();
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert_eq!(failing(&r), ["scan clean"], "{r:?}");
         let detail = &r.checks.iter().find(|c| !c.ok).unwrap().detail;
         assert!(detail.contains("root/id_ecdsa"), "{detail}");
@@ -329,7 +351,7 @@ mod tests {
             policy_toml: "[steps]\nskip = [\"scan\"]\n".into(),
             ..exp
         };
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert!(r.ok, "{r:?}");
     }
 
@@ -342,13 +364,13 @@ mod tests {
         let units = canary.path().join("etc/systemd/system");
         std::os::unix::fs::symlink("/dev/null", units.join("cups.service")).unwrap();
         // Not masked at all.
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert_eq!(failing(&r), ["services as the policy asked"]);
         let detail = &r.checks.iter().find(|c| !c.ok).unwrap().detail;
         assert_eq!(detail, "getty@tty1.service is not masked", "{r:?}");
         // A unit file in /etc overrides: not masked either.
         std::fs::write(units.join("getty@tty1.service"), "[Unit]\n").unwrap();
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert!(
             r.checks
                 .iter()
@@ -357,7 +379,7 @@ mod tests {
         );
         std::fs::remove_file(units.join("getty@tty1.service")).unwrap();
         std::os::unix::fs::symlink("/dev/null", units.join("getty@tty1.service")).unwrap();
-        let r = verify(canary.path(), "p", &exp);
+        let r = verify(canary.path(), "p", &exp, None);
         assert!(r.ok, "{r:?}");
     }
 
@@ -365,7 +387,7 @@ mod tests {
     fn a_bad_policy_is_an_error_not_a_pass() {
         let source = host("0123456789abcdef0123456789abcdef", None);
         let exp = expectations(source.path(), "[nope]\n");
-        let r = verify(source.path(), "p", &exp);
+        let r = verify(source.path(), "p", &exp, None);
         assert!(!r.ok);
         assert!(r.error.contains("nope"), "{r:?}");
     }

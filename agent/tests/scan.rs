@@ -220,17 +220,23 @@ fn scan_never_prints_a_secret_in_any_format() {
     let fx = fixture::generate(dir.path());
     let root = dir.path().to_str().expect("utf-8");
     let base = dir.path().join("baseline.json");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = key_file(keys.path(), "k", 5);
     let mut outputs = Vec::new();
     for format in ["text", "json", "sarif"] {
-        let out = run(&[
-            "scan",
-            "--root",
-            root,
-            "--format",
-            format,
-            "--write-baseline",
-            base.to_str().expect("utf-8"),
-        ]);
+        let out = agent()
+            .env("AMIPREP_FINGERPRINT_KEY_FILE", &key)
+            .args([
+                "scan",
+                "--root",
+                root,
+                "--format",
+                format,
+                "--write-baseline",
+                base.to_str().expect("utf-8"),
+            ])
+            .output()
+            .expect("run amiprep-agent");
         assert_eq!(out.status.code(), Some(1));
         outputs.push((format.to_owned(), out.stdout));
         outputs.push((format!("{format} stderr"), out.stderr));
@@ -251,6 +257,14 @@ fn scan_never_prints_a_secret_in_any_format() {
             }
         }
     }
+}
+
+/// A fingerprint key file (hex of 32 bytes of `fill`), as `amiprep certs
+/// init` writes one.
+fn key_file(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("{}\n", hex::encode([fill; 32]))).expect("write key");
+    p
 }
 
 fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -274,10 +288,12 @@ fn scan_exit_codes_and_baseline() {
     .expect("write");
     let base = dir.path().join("baseline.json");
     let b = base.to_str().expect("utf-8");
-    let (code, v, _) = scan_json(&root, &["--write-baseline", b]);
+    let key = key_file(dir.path(), "fingerprint.key", 1);
+    let k = key.to_str().expect("utf-8");
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--write-baseline", b]);
     assert_eq!(code, 1);
     assert_eq!(findings(&v, "findings").len(), 1);
-    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--baseline", b]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(findings(&v, "findings").len(), 0);
     assert_eq!(findings(&v, "accepted").len(), 1);
@@ -289,7 +305,7 @@ fn scan_exit_codes_and_baseline() {
         "api_key = Kq2ZtW9xLm4VbN8cYp3J\n",
     )
     .expect("write");
-    let (code, v, _) = scan_json(&root, &["--baseline", b]);
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k, "--baseline", b]);
     assert_eq!(code, 1);
     assert_eq!(findings(&v, "findings")[0]["path"], "etc/other.conf");
 
@@ -435,4 +451,430 @@ fn write_fixture() {
     let dir = std::env::var_os("AMIPREP_SCAN_FIXTURE").expect("AMIPREP_SCAN_FIXTURE");
     let root = fixture::write_to(Path::new(&dir));
     eprintln!("fixture at {}", root.display());
+}
+
+fn github_token() -> String {
+    use rand::{Rng, distr::Alphanumeric};
+    let tail: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(36)
+        .map(char::from)
+        .collect();
+    format!("ghp_{tail}")
+}
+
+/// Issue 14: files over the old 16 MiB cap were skipped and the host still
+/// passed. A 200 MiB log is streamed in bounded windows and a token on its
+/// last line is found; so is one straddling the first window boundary of a
+/// file that is one long line.
+#[test]
+fn scan_streams_large_files_and_finds_tokens_at_the_end_and_across_windows() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("var/log")).expect("mkdir");
+    let line = b"2026-12-02T10:00:00.123Z web-7 nginx[811]: 10.0.3.4 \"GET /api/v1/items?page=2 HTTP/1.1\" 200 5120\n";
+    let lines = (200u64 << 20) / line.len() as u64 + 1;
+    let big = root.join("var/log/access.log");
+    let end_token = github_token();
+    {
+        let mut w = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(&big).expect("create"),
+        );
+        for _ in 0..lines {
+            w.write_all(line).expect("write");
+        }
+        writeln!(w, "deploy: export GITHUB_TOKEN={end_token}").expect("write");
+        w.flush().expect("flush");
+    }
+    let big_len = std::fs::metadata(&big).expect("stat").len();
+    assert!(big_len > 200 << 20);
+
+    // One line of 9 MiB: a token straddling the 4 MiB window end.
+    let window = 4usize << 20;
+    let straddle_token = github_token();
+    let start = window - 17;
+    let mut one = vec![b'='; start - 1];
+    one.push(b' ');
+    one.extend_from_slice(straddle_token.as_bytes());
+    one.push(b' ');
+    one.resize(9 << 20, b'=');
+    std::fs::write(root.join("var/log/one-line.log"), &one).expect("write");
+
+    let (code, v, stderr) = scan_json(&root, &["--window", &window.to_string()]);
+    assert_eq!(code, 1, "{stderr}");
+    let mut got: Vec<(String, String, u64, u64)> = findings(&v, "findings")
+        .iter()
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap_or("").to_owned(),
+                f["path"].as_str().unwrap_or("").to_owned(),
+                f["line"].as_u64().unwrap_or(0),
+                f["column"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let col = "deploy: export GITHUB_TOKEN=".len() as u64 + 1;
+    assert_eq!(
+        got,
+        [
+            (
+                "github-token".into(),
+                "var/log/access.log".into(),
+                lines + 1,
+                col
+            ),
+            (
+                "github-token".into(),
+                "var/log/one-line.log".into(),
+                1,
+                start as u64 + 1
+            ),
+        ]
+    );
+    assert_eq!(v["stats"]["bytes"], big_len + one.len() as u64);
+    assert_eq!(v["stats"]["skipped_large"], 0);
+    for t in [&end_token, &straddle_token] {
+        assert!(!v.to_string().contains(t.as_str()));
+    }
+}
+
+/// Issue 14: rotated logs compressed with gzip are scanned inside, in the
+/// same bounded windows, whatever their name.
+#[test]
+fn scan_reads_inside_gzip_rotated_logs() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("var/log")).expect("mkdir");
+    let token = github_token();
+    let line = b"Dec  2 10:00:00 web-7 CRON[811]: (root) CMD (command -v debian-sa1 > /dev/null)\n";
+    let lines = 100_000u64;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for _ in 0..lines {
+        gz.write_all(line).expect("compress");
+    }
+    writeln!(gz, "Dec  2 10:00:01 web-7 deploy: GITHUB_TOKEN={token}").expect("compress");
+    let gz = gz.finish().expect("finish");
+    std::fs::write(root.join("var/log/syslog.2.gz"), &gz).expect("write");
+    // The same content under a name without `.gz`: detected by its magic.
+    std::fs::write(root.join("var/log/syslog.3"), &gz).expect("write");
+    let (code, v, stderr) = scan_json(&root, &["--window", "262144"]);
+    assert_eq!(code, 1, "{stderr}");
+    let f = findings(&v, "findings");
+    let mut got: Vec<(String, u64, u64)> = f
+        .iter()
+        .map(|x| {
+            (
+                x["path"].as_str().unwrap_or("").to_owned(),
+                x["line"].as_u64().unwrap_or(0),
+                x["column"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    got.sort();
+    let col = "Dec  2 10:00:01 web-7 deploy: GITHUB_TOKEN=".len() as u64 + 1;
+    assert_eq!(
+        got,
+        [
+            ("var/log/syslog.2.gz".to_owned(), lines + 1, col),
+            ("var/log/syslog.3".to_owned(), lines + 1, col),
+        ]
+    );
+    assert!(f.iter().all(|x| x["rule"] == "github-token"));
+    // The copy is recognised by its content: one gzip content, read twice.
+    assert_eq!(v["stats"]["gzip"], 1);
+    let plain = lines * line.len() as u64 + col - 1 + token.len() as u64 + 1;
+    assert_eq!(v["stats"]["bytes"], 2 * plain);
+}
+
+/// Issue 14: an unreadable file is listed in every format and fails the
+/// scan (exit 2) unless accepted by path. Run without privileges, so that
+/// permissions apply.
+#[test]
+fn scan_lists_unreadable_paths_in_every_format_and_fails_unless_accepted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    for d in ["etc", "var/lib/app"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("etc/motd"), "welcome\n").expect("write");
+    let secret = root.join("var/lib/app/secret.db");
+    std::fs::write(&secret, "DB_PASSWORD=Kq2ZtW9xLm4VbN8c\n").expect("write");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    for p in [
+        dir.path(),
+        root.as_path(),
+        &root.join("var"),
+        &root.join("var/lib"),
+        &root.join("var/lib/app"),
+        &root.join("etc"),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::set_permissions(
+        root.join("etc/motd"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let unprivileged = |format: &str, extra: &[&str]| -> Output {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_amiprep-agent"))
+        .args([
+            "scan",
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--format",
+            format,
+        ])
+        .args(extra);
+        c.output().expect("run setpriv")
+    };
+    let out = unprivileged("json", &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["unscanned"][0]["path"], "var/lib/app/secret.db", "{v}");
+    assert!(
+        v["unscanned"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ermission denied"))
+    );
+    assert_eq!(v["stats"]["errors"], 1);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not scanned: var/lib/app/secret.db"));
+
+    let out = unprivileged("sarif", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("sarif");
+    let n = &v["runs"][0]["invocations"][0]["toolExecutionNotifications"][0];
+    assert_eq!(n["level"], "error");
+    assert_eq!(
+        n["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
+        "var/lib/app/secret.db"
+    );
+    assert_eq!(v["runs"][0]["invocations"][0]["executionSuccessful"], false);
+
+    let out = unprivileged("text", &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("var/lib/app/secret.db: not scanned: "));
+
+    let out = unprivileged("json", &["--accept-unscanned", "/var/lib/app"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["unscanned"].as_array().map(Vec::len), Some(0));
+    assert_eq!(v["accepted_unscanned"][0]["path"], "var/lib/app/secret.db");
+}
+
+/// Issue 14: a name that is not UTF-8 is reported in a form that leads back
+/// to the file (JSON `path_bytes`), and text output never prints a name's
+/// control characters raw.
+#[test]
+fn scan_reports_non_utf8_and_control_character_names_exactly_and_safely() {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("srv")).expect("mkdir");
+    let names: [&[u8]; 2] = [b"srv/caf\xe9-\xff.env", b"srv/evil\n\x1b[2Jname.env"];
+    for n in names {
+        std::fs::write(
+            root.join(OsStr::from_bytes(n)),
+            "DB_PASSWORD=Kq2ZtW9xLm4VbN8c\n",
+        )
+        .expect("write");
+    }
+    let (code, v, _) = scan_json(&root, &[]);
+    assert_eq!(code, 1);
+    let f = findings(&v, "findings");
+    assert_eq!(f.len(), 2, "{v}");
+    let mut found: Vec<Vec<u8>> = Vec::new();
+    for x in &f {
+        let escaped = x["path_bytes"]
+            .as_str()
+            .expect("path_bytes for these names");
+        let raw = amiprep_agent::scan::report::unescape_path(escaped).expect("unescapes");
+        // It names the real file: reading it through the exact path works.
+        assert!(root.join(OsStr::from_bytes(&raw)).is_file(), "{escaped}");
+        assert!(x["path"].as_str().is_some_and(|p| !p.is_empty()));
+        found.push(raw);
+    }
+    found.sort();
+    let mut want: Vec<Vec<u8>> = names.iter().map(|n| n.to_vec()).collect();
+    want.sort();
+    assert_eq!(found, want);
+    // A plain name gets no second field.
+    std::fs::write(root.join("srv/plain.env"), "DB_PASSWORD=Kq2ZtW9xLm4VbN8d\n").expect("write");
+    let (_, v, _) = scan_json(&root, &[]);
+    let plain: Vec<Value> = findings(&v, "findings")
+        .into_iter()
+        .filter(|x| x["path"] == "srv/plain.env")
+        .collect();
+    assert_eq!(plain.len(), 1);
+    assert!(plain[0].get("path_bytes").is_none());
+
+    let out = run(&["scan", "--root", root.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !out.stdout.contains(&0x1b),
+        "raw escape character in text output"
+    );
+    let text = String::from_utf8(out.stdout).expect("text output is UTF-8");
+    assert!(
+        text.contains("srv/evil\\x0a\\x1b[2Jname.env:1:13: "),
+        "{text}"
+    );
+    assert!(text.contains("srv/caf\\xe9-\\xff.env:1:13: "), "{text}");
+    // One line per finding plus the summary: no name split a line.
+    assert_eq!(text.lines().count(), 4, "{text}");
+}
+
+/// Issue 14: fingerprints are HMACs under the deployment's key. The same
+/// key gives the same fingerprint and its baselines apply; another key's
+/// baseline is refused (exit 3); without a key each run's fingerprints
+/// differ, and the report says so.
+#[test]
+fn fingerprints_are_keyed_and_baselines_are_bound_to_their_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+    std::fs::write(
+        root.join("etc/app.conf"),
+        "client_secret = Vd4KyZk3Qp9Vt7Lw2Xr5\n",
+    )
+    .expect("write");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (k1, k2) = (
+        key_file(keys.path(), "one", 1),
+        key_file(keys.path(), "two", 2),
+    );
+    let (k1, k2) = (k1.to_str().expect("utf-8"), k2.to_str().expect("utf-8"));
+    let fp = |v: &Value| {
+        findings(v, "findings")[0]["fingerprint"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+
+    let (_, a, err_a) = scan_json(&root, &["--fingerprint-key-file", k1]);
+    let (_, a2, _) = scan_json(&root, &["--fingerprint-key-file", k1]);
+    let (_, b, _) = scan_json(&root, &["--fingerprint-key-file", k2]);
+    assert_eq!(fp(&a), fp(&a2), "same key, same fingerprint");
+    assert_ne!(fp(&a), fp(&b), "another key, another fingerprint");
+    assert_eq!(fp(&a).len(), 64);
+    assert!(a.get("fingerprint_note").is_none() && !err_a.contains("not comparable"));
+    let id = a["fingerprint_key_id"].as_str().expect("key id").to_owned();
+    assert_eq!(id.len(), 16);
+    assert_ne!(b["fingerprint_key_id"].as_str(), Some(id.as_str()));
+    // The key id is the first 8 bytes of the key's SHA-256.
+    use sha2::Digest as _;
+    assert_eq!(id, hex::encode(&sha2::Sha256::digest([1u8; 32])[..8]));
+
+    // A baseline records its key and applies under the same key only.
+    let base = dir.path().join("baseline.json");
+    let bpath = base.to_str().expect("utf-8");
+    let (code, _, _) = scan_json(
+        &root,
+        &["--fingerprint-key-file", k1, "--write-baseline", bpath],
+    );
+    assert_eq!(code, 1);
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(&base).expect("baseline")).expect("json");
+    assert_eq!(written["version"], 2);
+    assert_eq!(written["key_id"], id.as_str());
+    let (code, v, _) = scan_json(&root, &["--fingerprint-key-file", k1, "--baseline", bpath]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(findings(&v, "accepted").len(), 1);
+    // The key from the environment is the same key.
+    let out = agent()
+        .env("AMIPREP_FINGERPRINT_KEY_FILE", k1)
+        .args([
+            "scan",
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--baseline",
+            bpath,
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Another key: refused, with exit 3 and a message naming both keys.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--fingerprint-key-file",
+        k2,
+        "--baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&id) && err.contains("cannot match"), "{err}");
+    assert!(out.stdout.is_empty());
+    // No key at all: refused too.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fingerprint-key-file"));
+
+    // No key: a random one per run, said on stderr and in the report.
+    let (code, n1, err) = scan_json(&root, &[]);
+    let (_, n2, _) = scan_json(&root, &[]);
+    assert_eq!(code, 1);
+    assert_ne!(fp(&n1), fp(&n2), "random per-run keys");
+    assert_ne!(fp(&n1), fp(&a));
+    assert!(err.contains("not comparable across runs"), "{err}");
+    assert!(
+        n1["fingerprint_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("not comparable"))
+    );
+    // ... and a baseline cannot be written under it.
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--write-baseline",
+        bpath,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--write-baseline needs"));
+    // A bad key file is an error, not a silent fallback.
+    std::fs::write(keys.path().join("short"), "abcd\n").expect("write");
+    let short = keys.path().join("short");
+    let out = run(&[
+        "scan",
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--fingerprint-key-file",
+        short.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
 }

@@ -22,6 +22,10 @@ use time::{Duration, OffsetDateTime};
 
 pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
+/// The deployment's fingerprint key: 32 random bytes, hex. It keys the
+/// HMAC fingerprints of scan findings; the controller sends it with each
+/// request and it is never written to a host.
+pub const FINGERPRINT_KEY: &str = "fingerprint.key";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
@@ -40,12 +44,14 @@ impl Kind {
     }
 }
 
-/// Writes `ca.pem` and `ca.key` (0600) into `dir`; refuses to overwrite.
+/// Writes `ca.pem`, `ca.key` (0600) and `fingerprint.key` (0600) into
+/// `dir`; refuses to overwrite.
 pub fn init(dir: &Path, days: u32) -> anyhow::Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
-    for p in [&cert_path, &key_path] {
+    let fp_path = dir.join(FINGERPRINT_KEY);
+    for p in [&cert_path, &key_path, &fp_path] {
         if p.exists() {
             bail!("{} already exists; refusing to replace a CA", p.display());
         }
@@ -63,7 +69,39 @@ pub fn init(dir: &Path, days: u32) -> anyhow::Result<PathBuf> {
     let cert = params.self_signed(&key).context("signing the CA")?;
     write_private(&key_path, key.serialize_pem().as_bytes())?;
     write_public(&cert_path, cert.pem().as_bytes())?;
+    write_fingerprint_key(&fp_path)?;
     Ok(cert_path)
+}
+
+/// Creates a fingerprint key at `path`: 32 random bytes as hex, created
+/// with `O_EXCL` and mode 0600 (never replacing a key: baselines name it).
+pub fn write_fingerprint_key(path: &Path) -> anyhow::Result<()> {
+    let key: [u8; 32] = rand::random();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(format!("{}\n", hex::encode(key)).as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads a fingerprint key file (hex, at least 32 bytes) into its bytes.
+pub fn load_fingerprint_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading fingerprint key {}", path.display()))?;
+    let key = hex::decode(text.trim())
+        .with_context(|| format!("fingerprint key {}: not hex", path.display()))?;
+    anyhow::ensure!(
+        key.len() >= 32,
+        "fingerprint key {}: {} bytes, at least 32 needed",
+        path.display(),
+        key.len()
+    );
+    Ok(key)
 }
 
 /// Issues a leaf certificate signed by the CA in `dir`: `NAME.pem`, `NAME.key`.
@@ -210,6 +248,34 @@ mod tests {
         let subject = amiprep_proto::tls::peer_subject(&chain).unwrap();
         assert!(subject.contains("OU=amiprep-controller"), "{subject}");
         assert!(subject.contains("CN=ctl"), "{subject}");
+    }
+
+    #[test]
+    fn init_creates_a_private_fingerprint_key_and_never_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 30).unwrap();
+        let p = dir.path().join(FINGERPRINT_KEY);
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let key = load_fingerprint_key(&p).unwrap();
+        assert_eq!(key.len(), 32);
+        assert!(
+            write_fingerprint_key(&p).is_err(),
+            "O_EXCL: an existing key is kept"
+        );
+        assert_eq!(load_fingerprint_key(&p).unwrap(), key);
+        // A second deployment gets another key.
+        let other = tempfile::tempdir().unwrap();
+        init(other.path(), 30).unwrap();
+        assert_ne!(
+            load_fingerprint_key(&other.path().join(FINGERPRINT_KEY)).unwrap(),
+            key
+        );
+        // An existing fingerprint key alone makes init refuse.
+        let third = tempfile::tempdir().unwrap();
+        write_fingerprint_key(&third.path().join(FINGERPRINT_KEY)).unwrap();
+        assert!(init(third.path(), 30).is_err());
+        assert!(!third.path().join(CA_KEY).exists());
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct PipelineSection {
     pub require_encrypted: bool,
     #[serde(default)]
     pub require_boot_mode: Option<String>,
+    /// The deployment's fingerprint key (`fingerprint.key` from `amiprep
+    /// certs init`), sent with each prepare and verify request.
+    #[serde(default = "default_fingerprint_key")]
+    pub fingerprint_key: PathBuf,
 }
 
 impl Default for PipelineSection {
@@ -93,6 +97,9 @@ fn default_state_db() -> PathBuf {
 }
 fn default_manifest_dir() -> PathBuf {
     PathBuf::from("/var/lib/amiprep/manifests")
+}
+fn default_fingerprint_key() -> PathBuf {
+    PathBuf::from("/etc/amiprep/pki/fingerprint.key")
 }
 fn default_canary_type() -> String {
     "t3.micro".to_owned()

@@ -370,6 +370,7 @@ mod tests {
         controller_message::Msg::Prepare(amiprep_proto::v1::Prepare {
             promotion_id: "p1".into(),
             policy_toml: String::new(),
+            fingerprint_key: Vec::new(),
         })
     }
 
@@ -377,6 +378,7 @@ mod tests {
         controller_message::Msg::Verify(amiprep_proto::v1::Verify {
             promotion_id: "p1/verify".into(),
             expectations: None,
+            fingerprint_key: Vec::new(),
         })
     }
 

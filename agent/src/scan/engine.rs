@@ -10,9 +10,11 @@
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine as _;
 use regex::bytes::RegexSet;
-use sha2::{Digest, Sha256};
 
-use super::rules::{Rule, Validator};
+use super::{
+    key::FingerprintKey,
+    rules::{Rule, Validator},
+};
 
 /// One secret found in a buffer. Holds no secret material.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct Hit {
     pub line: u64,
     /// 1-based column, in Unicode code points.
     pub column: u64,
+    /// Byte offset of the secret's first byte in the scanned buffer.
+    pub offset: usize,
     pub fingerprint: String,
     pub preview: String,
 }
@@ -132,6 +136,8 @@ pub struct Engine {
     /// Path regexes of path-restricted rules, and which rule each is.
     paths: RegexSet,
     path_rules: Vec<usize>,
+    /// Fingerprints are HMACs under this key.
+    key: FingerprintKey,
 }
 
 impl std::fmt::Debug for Engine {
@@ -154,7 +160,12 @@ enum Scope {
 }
 
 impl Engine {
+    /// An engine whose fingerprints use a random key (rule checks, tests).
     pub fn new(rules: &'static [Rule]) -> Engine {
+        Engine::with_key(rules, FingerprintKey::random())
+    }
+
+    pub fn with_key(rules: &'static [Rule], key: FingerprintKey) -> Engine {
         let mut path_src = Vec::new();
         let mut path_rules = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
@@ -177,6 +188,7 @@ impl Engine {
             ],
             paths,
             path_rules,
+            key,
         }
     }
 
@@ -259,7 +271,8 @@ impl Engine {
                 rule: r,
                 line,
                 column,
-                fingerprint: fingerprint(self.rules[r].id(), secret),
+                offset: s,
+                fingerprint: self.key.fingerprint(self.rules[r].id(), secret),
                 preview: preview(secret),
             });
         }
@@ -722,18 +735,6 @@ fn validate(v: Validator, secret: &[u8], whole: &[u8]) -> bool {
     }
 }
 
-/// SHA-256 over the rule id and the secret (ASCII whitespace removed, so a
-/// key re-wrapped or with other line endings keeps its fingerprint), hex.
-pub fn fingerprint(rule_id: &str, secret: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(rule_id.as_bytes());
-    h.update([0u8]);
-    for chunk in secret.split(|b| b.is_ascii_whitespace()) {
-        h.update(chunk);
-    }
-    hex::encode(h.finalize())
-}
-
 /// A few leading characters, then `…`: at most 4, and at most a quarter of
 /// the secret, so short passwords reveal almost nothing.
 pub fn preview(secret: &[u8]) -> String {
@@ -757,13 +758,6 @@ mod tests {
         assert_eq!(preview(b"AKIAQ3EGUJH5RZTVD6WN"), "AKIA…");
         assert_eq!(preview(b"hunter2"), "h…");
         assert_eq!(preview(b"abc"), "…");
-    }
-
-    #[test]
-    fn fingerprint_ignores_line_wrapping() {
-        assert_eq!(fingerprint("r", b"ab\ncd"), fingerprint("r", b"abcd"));
-        assert_ne!(fingerprint("r", b"abcd"), fingerprint("s", b"abcd"));
-        assert_eq!(fingerprint("r", b"abcd").len(), 64);
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct Ctx<'a> {
     /// The root is the running host's `/`: services are stopped, the journal
     /// is vacuumed through journald, and commands run without chroot.
     pub live: bool,
+    /// The deployment's fingerprint key for the scan; `None`: a random key
+    /// for this run.
+    pub fingerprint_key: Option<crate::scan::FingerprintKey>,
 }
 
 /// A command a step runs. Offline, `chroot` commands run inside the target
@@ -781,6 +784,7 @@ mod tests {
             root: &root,
             policy: &policy,
             live: true,
+            fingerprint_key: None,
         };
         let started = Instant::now();
         let cmd = Cmd::new(["sh", "-c", "echo started; sleep 30 & wait"])
@@ -835,11 +839,13 @@ mod live_plan_tests {
             root: &root,
             policy: &policy,
             live: true,
+            fingerprint_key: None,
         };
         let offline = Ctx {
             root: &root,
             policy: &policy,
             live: false,
+            fingerprint_key: None,
         };
 
         let l = target(&logs::Logs.plan(&live));

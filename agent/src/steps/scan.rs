@@ -6,7 +6,7 @@ use super::{Ctx, Plan, ProgressEvent, Step, StepReport};
 use crate::{
     policy::Policy,
     safefs::Root,
-    scan::{Baseline, Finding, ScanOptions, ScanReport, scan_root},
+    scan::{Baseline, Finding, FingerprintKey, ScanOptions, ScanReport, key, scan_root},
 };
 
 pub struct Scan;
@@ -19,9 +19,8 @@ impl Step for Scan {
     /// The scan changes nothing, so its plan has no actions.
     fn plan(&self, cx: &Ctx<'_>) -> Plan {
         let mut plan = Plan::default();
-        if let Some(path) = &cx.policy.scan.baseline
-            && let Err(e) = load_baseline(path)
-        {
+        let key = scan_key(cx);
+        if let Err(e) = policy_baseline(cx.policy, &key) {
             plan.errors.push(e);
         }
         plan
@@ -38,7 +37,8 @@ impl Step for Scan {
             out.errors.extend(plan.errors);
             return;
         }
-        let baseline = match policy_baseline(cx.policy) {
+        let key = scan_key(cx);
+        let baseline = match policy_baseline(cx.policy, &key) {
             Ok(b) => b,
             Err(e) => {
                 out.errors.push(e);
@@ -51,7 +51,10 @@ impl Step for Scan {
             total: 1,
             target: "secret scan of the whole root".into(),
         });
-        match policy_scan(cx.root, cx.policy, baseline, &[]) {
+        if key.is_ephemeral() {
+            out.warnings.push(key::EPHEMERAL_NOTE.to_owned());
+        }
+        match policy_scan(cx.root, cx.policy, baseline, &[], key) {
             Ok((report, expected)) => {
                 if !report.findings.is_empty() {
                     out.errors.push(format!(
@@ -59,21 +62,33 @@ impl Step for Scan {
                         report.findings.len()
                     ));
                 }
-                // A scan that could not read everything cannot call the host clean.
-                if report.stats.errors > 0 {
+                // A scan that could not read everything cannot call the host
+                // clean, unless the policy accepts those paths.
+                if !report.unscanned.is_empty() {
                     out.errors.push(format!(
-                        "{} path(s) could not be scanned",
-                        report.stats.errors
+                        "{} path(s) could not be scanned (listed under `unscanned`; \
+                         scan.accept_unscanned accepts a path)",
+                        report.unscanned.len()
                     ));
                 }
-                for p in report.problems.iter().take(20) {
-                    out.warnings.push(p.clone());
+                for u in report.unscanned.iter().take(20) {
+                    out.warnings
+                        .push(format!("not scanned: {}: {}", u.path, u.reason));
                 }
                 for (key, value) in [
                     ("findings", serde_json::to_value(&report.findings)),
                     ("accepted", serde_json::to_value(&report.accepted)),
                     ("expected_keys", serde_json::to_value(&expected)),
                     ("stats", serde_json::to_value(&report.stats)),
+                    (
+                        "fingerprint_key_id",
+                        serde_json::to_value(&report.fingerprint_key_id),
+                    ),
+                    ("unscanned", serde_json::to_value(&report.unscanned)),
+                    (
+                        "accepted_unscanned",
+                        serde_json::to_value(&report.accepted_unscanned),
+                    ),
                 ] {
                     if let Ok(v) = value {
                         out.details.insert(key.into(), v);
@@ -95,10 +110,13 @@ pub fn policy_scan(
     policy: &Policy,
     baseline: Option<Baseline>,
     also_expected: &[&str],
+    key: FingerprintKey,
 ) -> std::io::Result<(ScanReport, Vec<Finding>)> {
     let opts = ScanOptions {
+        fingerprint_key: Some(key),
         max_file_size: policy.scan.max_file_size,
         baseline,
+        accept_unscanned: policy.scan.accept_unscanned.clone(),
         ..ScanOptions::default()
     };
     let mut report = scan_root(root, &opts)?;
@@ -114,14 +132,24 @@ pub fn policy_scan(
     Ok((report, set_aside))
 }
 
-/// The policy's baseline, loaded; `None` when it names none.
-pub fn policy_baseline(policy: &Policy) -> Result<Option<Baseline>, String> {
-    policy
-        .scan
-        .baseline
-        .as_deref()
-        .map(load_baseline)
-        .transpose()
+/// The key the scan step fingerprints under: the one the request or the
+/// command line gave, else a random one for this run.
+fn scan_key(cx: &Ctx<'_>) -> FingerprintKey {
+    cx.fingerprint_key
+        .clone()
+        .unwrap_or_else(FingerprintKey::random)
+}
+
+/// The policy's baseline, loaded and checked against `key` (a baseline made
+/// under another key is refused); `None` when it names none.
+pub fn policy_baseline(policy: &Policy, key: &FingerprintKey) -> Result<Option<Baseline>, String> {
+    let Some(path) = policy.scan.baseline.as_deref() else {
+        return Ok(None);
+    };
+    let b = load_baseline(path)?;
+    b.check_key(key)
+        .map_err(|e| format!("scan baseline {}: {e}", path.display()))?;
+    Ok(Some(b))
 }
 
 fn load_baseline(path: &std::path::Path) -> Result<Baseline, String> {

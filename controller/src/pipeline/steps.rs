@@ -43,6 +43,20 @@ impl Pipeline {
         Ok(Step::Next(format!("agent of {source} connected")))
     }
 
+    /// The deployment's fingerprint key, read for each request (so a key
+    /// put in place later is used without a restart). Missing or unreadable:
+    /// none is sent and the agent fingerprints under a random key for the
+    /// run, which it says in its report.
+    fn fingerprint_key(&self) -> Vec<u8> {
+        match crate::certs::load_fingerprint_key(&self.cfg.fingerprint_key) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("{e:#}; fingerprints will not be comparable across runs");
+                Vec::new()
+            }
+        }
+    }
+
     pub(super) async fn prepare(&self, rec: &PromotionRecord) -> StepResult {
         let source = &rec.spec.instance_id;
         let deadline = self.deadline(rec, self.cfg.prepare_timeout_secs);
@@ -56,6 +70,7 @@ impl Pipeline {
                     controller_message::Msg::Prepare(Prepare {
                         promotion_id: rec.id.clone(),
                         policy_toml: rec.spec.policy_toml.clone(),
+                        fingerprint_key: self.fingerprint_key(),
                     }),
                 )
                 .await;
@@ -383,6 +398,7 @@ impl Pipeline {
                     controller_message::Msg::Verify(Verify {
                         promotion_id: verify_id.clone(),
                         expectations: Some(expectations.clone()),
+                        fingerprint_key: self.fingerprint_key(),
                     }),
                 )
                 .await;

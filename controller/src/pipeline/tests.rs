@@ -67,8 +67,10 @@ impl World {
             poll_initial_ms: 1,
             poll_max_ms: 4,
             max_step_retries,
+            fingerprint_key: dir.path().join("fingerprint.key"),
             ..Default::default()
         };
+        crate::certs::write_fingerprint_key(&cfg.fingerprint_key).unwrap();
         let cloud = Arc::new(FakeCloud::new(Default::default()));
         cloud.add_instance(REGION, SOURCE);
         let store = Arc::new(Store::open(&cfg.state_db).unwrap());
@@ -271,6 +273,11 @@ async fn answer(
     while let Some(Ok(m)) = rx.recv().await {
         match m.msg {
             Some(controller_message::Msg::Prepare(p)) => {
+                assert_eq!(
+                    p.fingerprint_key.len(),
+                    32,
+                    "the deployment's fingerprint key is sent with prepare"
+                );
                 let _ = registry.deliver(
                     &session,
                     &p.promotion_id,
@@ -285,6 +292,11 @@ async fn answer(
                 );
             }
             Some(controller_message::Msg::Verify(v)) => {
+                assert_eq!(
+                    v.fingerprint_key.len(),
+                    32,
+                    "the deployment's fingerprint key is sent with verify"
+                );
                 assert_eq!(
                     v.expectations
                         .as_ref()
