@@ -615,7 +615,8 @@ fn a_driver_killed_at_each_state_is_replaced_without_duplicates_or_orphans() {
         ("creating-image", "CreateImage"),
         ("awaiting-image", "DescribeImages"),
         ("launching-canary", "RunInstances"),
-        ("distributing", "CopyImage"),
+        // `distributing` is not held here: without `--copy-to` it makes no
+        // call that can be delayed, and passes too fast to be seen.
     ];
     let mut ids = Vec::new();
     for (state, action) in cases {
