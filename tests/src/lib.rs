@@ -597,6 +597,42 @@ impl Moto {
     pub async fn run_instance(&self) -> String {
         run_instance(&self.client()).await
     }
+
+    /// Images owned by this account carrying promotion `id`'s tag in `region`.
+    pub async fn images_of(&self, id: &str, region: &str) -> Vec<String> {
+        self.client_in(region)
+            .describe_images()
+            .owners("self")
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("tag:amiprep:promotion")
+                    .values(id)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("DescribeImages")
+            .images()
+            .iter()
+            .filter_map(|i| i.image_id().map(str::to_owned))
+            .collect()
+    }
+
+    /// EC2's state name for `instance` in us-east-1.
+    pub async fn instance_state(&self, instance: &str) -> String {
+        self.client()
+            .describe_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .expect("DescribeInstances")
+            .reservations()[0]
+            .instances()[0]
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// An SDK client for a local EC2-compatible endpoint, with test credentials.

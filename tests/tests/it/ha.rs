@@ -234,6 +234,20 @@ impl Fleet {
             .to_owned()
     }
 
+    /// Freezes every source's agent (SIGSTOP) and submits a promotion of
+    /// each, to the two controllers in turn: every promotion is held in
+    /// `preparing` until the agents are thawed.
+    fn promote_frozen(&self) -> Vec<String> {
+        for s in &self.sources {
+            assert!(self.sim.signal_agent(s, "STOP"));
+        }
+        self.sources
+            .iter()
+            .enumerate()
+            .map(|(n, s)| self.promote(n % 2, s))
+            .collect()
+    }
+
     fn status(&self, c: usize, id: &str) -> Value {
         let out = self.amiprep(c, &["status", id, "--json"]);
         assert!(
@@ -272,23 +286,9 @@ impl Fleet {
     }
 
     fn images_of(&self, id: &str) -> usize {
-        let client = self.moto.client();
-        runtime().block_on(async {
-            client
-                .describe_images()
-                .owners("self")
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name("tag:amiprep:promotion")
-                        .values(id)
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap()
-                .images()
-                .len()
-        })
+        runtime()
+            .block_on(self.moto.images_of(id, "us-east-1"))
+            .len()
     }
 
     fn lease_history(&self, id: &str) -> Vec<(String, String)> {
@@ -333,21 +333,7 @@ impl Fleet {
 
     /// EC2's state name for `instance`.
     fn instance_state(&self, instance: &str) -> String {
-        let client = self.moto.client();
-        runtime().block_on(async {
-            client
-                .describe_instances()
-                .instance_ids(instance)
-                .send()
-                .await
-                .unwrap()
-                .reservations()[0]
-                .instances()[0]
-                .state()
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_default()
-        })
+        runtime().block_on(self.moto.instance_state(instance))
     }
 
     /// Starts a stopped source and waits for its agent to connect.
@@ -450,15 +436,7 @@ impl Fleet {
 fn a_controller_killed_mid_promotion_loses_its_leases_and_the_other_finishes_every_promotion() {
     let mut f = Fleet::start(4, 3);
     // Hold every promotion in `preparing`: the agents are frozen.
-    for s in &f.sources {
-        assert!(f.sim.signal_agent(s, "STOP"));
-    }
-    let ids: Vec<String> = f
-        .sources
-        .iter()
-        .enumerate()
-        .map(|(n, s)| f.promote(n % 2, s))
-        .collect();
+    let ids = f.promote_frozen();
     f.wait_states(1, &ids, &["preparing"], Duration::from_secs(120));
     // Both controllers show every promotion, wherever it is driven.
     for c in 0..2 {
@@ -669,15 +647,7 @@ fn a_driver_killed_at_each_state_is_replaced_without_duplicates_or_orphans() {
 #[test]
 fn both_controllers_killed_at_once_resume_every_promotion_when_restarted() {
     let mut f = Fleet::start(4, 3);
-    for s in &f.sources {
-        assert!(f.sim.signal_agent(s, "STOP"));
-    }
-    let ids: Vec<String> = f
-        .sources
-        .iter()
-        .enumerate()
-        .map(|(n, s)| f.promote(n % 2, s))
-        .collect();
+    let ids = f.promote_frozen();
     f.wait_states(0, &ids, &["preparing"], Duration::from_secs(120));
     f.kill(0);
     f.kill(1);

@@ -123,25 +123,7 @@ impl World {
 
     /// Images owned by this account carrying the promotion's tag, per region.
     pub fn images_of(&self, id: &str, region: &str) -> Vec<String> {
-        let client = self.moto.client_in(region);
-        runtime().block_on(async {
-            client
-                .describe_images()
-                .owners("self")
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name("tag:amiprep:promotion")
-                        .values(id)
-                        .build(),
-                )
-                .send()
-                .await
-                .unwrap()
-                .images()
-                .iter()
-                .filter_map(|i| i.image_id().map(str::to_owned))
-                .collect()
-        })
+        runtime().block_on(self.moto.images_of(id, region))
     }
 
     /// Instances (not terminated) other than the source.
@@ -166,21 +148,7 @@ impl World {
     }
 
     pub fn source_state(&self) -> String {
-        let client = self.moto.client();
-        runtime().block_on(async {
-            client
-                .describe_instances()
-                .instance_ids(&self.source)
-                .send()
-                .await
-                .unwrap()
-                .reservations()[0]
-                .instances()[0]
-                .state()
-                .and_then(|s| s.name())
-                .map(|n| n.as_str().to_owned())
-                .unwrap_or_default()
-        })
+        runtime().block_on(self.moto.instance_state(&self.source))
     }
 
     pub fn source_root(&self) -> PathBuf {
